@@ -1,0 +1,49 @@
+"""The ``loopformer`` command line: thin; parses, calls the library, prints.
+
+A subcommand is a module in this package with ``register(subparsers)`` that adds its parser and sets
+``run=function(args) -> int``; list it in :data:`COMMANDS`. User mistakes (:class:`LoopformerError`)
+print one sentence and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from loopformer import __version__
+from loopformer.cli import demo, presets
+from loopformer.errors import LoopformerError
+
+COMMANDS = (presets, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopformer", description="Recurrent-depth (looped) transformer language models."
+    )
+    parser.add_argument("--version", action="version", version=f"loopformer {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except LoopformerError as exc:
+        print(f"loopformer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loopformer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

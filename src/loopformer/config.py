@@ -1,0 +1,287 @@
+"""Model configuration: frozen dataclasses validated at construction, with a JSON/YAML form.
+
+A bad value raises :class:`ConfigError` whose message names the field, the value and what is allowed.
+Optional fields left as ``None`` (``n_kv_heads``, ``head_dim``, ``mlp_hidden``, ``init_std``,
+``per_loop_slots``) are resolved to concrete values during construction, so a saved config is explicit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loopformer.errors import ConfigError
+
+NORM_LAYOUTS = ("sandwich", "pre")
+ROPE_STYLES = ("half", "interleaved")
+INJECTIONS = ("concat", "add", "lti")
+STATE_INITS = ("like-init", "zero")
+LOOP_EMBEDDINGS = ("none", "sinusoidal", "learned")
+LOOP_OVERFLOW_POLICIES = ("reuse-last", "cycle", "off")
+DEPTH_SAMPLERS = ("lognormal-poisson", "fixed", "uniform", "poisson", "geometric")
+
+
+def _check(ok: bool, owner: str, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{owner}.{name}={value!r} is invalid: {allowed}.")
+
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _check_types(obj: Any) -> None:
+    """Every scalar field holds a value of its annotated type (bool is not accepted as a number)."""
+    owner = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        if not any(p in _PY_TYPES for p in parts):
+            continue
+        value = getattr(obj, f.name)
+        if value is None and "None" in parts:
+            continue
+        allowed = tuple(t for p in parts for t in _PY_TYPES.get(p, ()))
+        ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+        _check(ok, owner, f.name, value, f"expected {f.type}")
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, owner, name, value, "allowed values are " + ", ".join(repr(c) for c in choices))
+
+
+@dataclass(frozen=True)
+class RecurrenceConfig:
+    """How many core iterations run, in training (sampled) and at inference (``mean_steps``).
+
+    ``sampler`` draws the training depth r; the last ``backprop_depth`` iterations carry gradient
+    and the first ``r - backprop_depth`` run without it (truncated backprop). ``per_sequence`` draws
+    one depth per row instead of one per batch; rows whose depth is reached keep their state.
+    """
+
+    mean_steps: int = 8
+    sampler: str = "lognormal-poisson"
+    backprop_depth: int = 4
+    sigma: float = 0.5
+    max_steps: int | None = None
+    per_sequence: bool = False
+
+    def __post_init__(self) -> None:
+        owner = "RecurrenceConfig"
+        _check_types(self)
+        _check(self.mean_steps >= 1, owner, "mean_steps", self.mean_steps, "must be >= 1")
+        _check_choice(owner, "sampler", self.sampler, DEPTH_SAMPLERS)
+        _check(self.backprop_depth >= 1, owner, "backprop_depth", self.backprop_depth, "must be >= 1")
+        _check(self.sigma > 0, owner, "sigma", self.sigma, "must be > 0")
+        if self.max_steps is not None:
+            _check(
+                self.max_steps >= self.mean_steps,
+                owner,
+                "max_steps",
+                self.max_steps,
+                f"must be None or >= mean_steps ({self.mean_steps})",
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and behaviour of a recurrent-depth LM: prelude -> core x r -> coda -> head."""
+
+    vocab_size: int = 256
+    dim: int = 64
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    n_prelude: int = 1
+    n_core: int = 2
+    n_coda: int = 1
+    mlp_hidden: int | None = None
+    norm_eps: float = 1e-6
+    norm_layout: str = "sandwich"
+    rope_style: str = "half"
+    rope_base: float = 10000.0
+    qk_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    embed_scale: bool = False
+    injection: str = "concat"
+    lti_eps: float = 1e-4
+    state_init: str = "like-init"
+    state_init_std: float = math.sqrt(2 / 5)
+    loop_embedding: str = "none"
+    loop_embedding_scale: float = 1.0
+    lora_rank: int = 0
+    per_loop_slots: int | None = None
+    loop_overflow: str = "reuse-last"
+    init_std: float | None = None
+    recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
+
+    def __post_init__(self) -> None:
+        owner = "ModelConfig"
+        if isinstance(self.recurrence, dict):
+            object.__setattr__(self, "recurrence", RecurrenceConfig(**self.recurrence))
+        _check(
+            isinstance(self.recurrence, RecurrenceConfig),
+            owner,
+            "recurrence",
+            self.recurrence,
+            "expected a RecurrenceConfig",
+        )
+        _check_types(self)
+        for name in ("vocab_size", "dim", "n_heads", "n_core", "max_seq_len"):
+            _check(getattr(self, name) >= 1, owner, name, getattr(self, name), "must be >= 1")
+        for name in ("n_prelude", "n_coda", "lora_rank"):
+            _check(getattr(self, name) >= 0, owner, name, getattr(self, name), "must be >= 0")
+        if self.head_dim is None:
+            _check(
+                self.dim % self.n_heads == 0,
+                owner,
+                "n_heads",
+                self.n_heads,
+                f"n_heads must divide dim ({self.dim}), or set head_dim explicitly",
+            )
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        _check(
+            self.head_dim >= 2 and self.head_dim % 2 == 0,
+            owner,
+            "head_dim",
+            self.head_dim,
+            "must be a positive even number (RoPE rotates pairs)",
+        )
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _check(
+            self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+            owner,
+            "n_kv_heads",
+            self.n_kv_heads,
+            f"must be >= 1 and divide n_heads ({self.n_heads})",
+        )
+        if self.mlp_hidden is None:
+            object.__setattr__(self, "mlp_hidden", 32 * math.ceil(8 * self.dim / 3 / 32))
+        _check(self.mlp_hidden >= 1, owner, "mlp_hidden", self.mlp_hidden, "must be >= 1")
+        _check(self.norm_eps > 0, owner, "norm_eps", self.norm_eps, "must be > 0")
+        _check(self.rope_base > 1, owner, "rope_base", self.rope_base, "must be > 1")
+        if self.sliding_window is not None:
+            _check(self.sliding_window >= 1, owner, "sliding_window", self.sliding_window, "must be None or >= 1")
+        _check_choice(owner, "norm_layout", self.norm_layout, NORM_LAYOUTS)
+        _check_choice(owner, "rope_style", self.rope_style, ROPE_STYLES)
+        _check_choice(owner, "injection", self.injection, INJECTIONS)
+        _check_choice(owner, "state_init", self.state_init, STATE_INITS)
+        _check_choice(owner, "loop_embedding", self.loop_embedding, LOOP_EMBEDDINGS)
+        _check_choice(owner, "loop_overflow", self.loop_overflow, LOOP_OVERFLOW_POLICIES)
+        _check(0 < self.lti_eps < 1, owner, "lti_eps", self.lti_eps, "must lie in (0, 1)")
+        _check(self.state_init_std >= 0, owner, "state_init_std", self.state_init_std, "must be >= 0")
+        if self.per_loop_slots is None:
+            object.__setattr__(self, "per_loop_slots", 2 * self.recurrence.mean_steps)
+        _check(self.per_loop_slots >= 1, owner, "per_loop_slots", self.per_loop_slots, "must be >= 1")
+        if self.init_std is None:
+            object.__setattr__(self, "init_std", math.sqrt(2 / (5 * self.dim)))
+        _check(self.init_std > 0, owner, "init_std", self.init_std, "must be > 0")
+
+    # ----- derived quantities -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Distinct layers (the parameter cost): prelude + core + coda."""
+        return self.n_prelude + self.n_core + self.n_coda
+
+    def effective_depth(self, steps: int | None = None) -> int:
+        """Layers a token passes through at ``steps`` core iterations (default: ``mean_steps``)."""
+        r = self.recurrence.mean_steps if steps is None else steps
+        return self.n_prelude + r * self.n_core + self.n_coda
+
+    @property
+    def attention_kind(self) -> str:
+        """Human-readable attention variant, e.g. ``GQA 8/2`` or ``MHA, window 64``."""
+        kind = "MHA" if self.n_kv_heads == self.n_heads else f"GQA {self.n_heads}/{self.n_kv_heads}"
+        if self.sliding_window is not None:
+            kind += f", window {self.sliding_window}"
+        return kind
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied and validated; ``recurrence`` may be a dict of changes."""
+        rec = changes.pop("recurrence", None)
+        if isinstance(rec, dict):
+            changes["recurrence"] = dataclasses.replace(self.recurrence, **rec)
+        elif rec is not None:
+            changes["recurrence"] = rec
+        return dataclasses.replace(self, **changes)
+
+    # ----- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"A model config must be a mapping, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown ModelConfig field(s): {', '.join(unknown)}.")
+        data = dict(data)
+        rec = data.get("recurrence")
+        if isinstance(rec, dict):
+            rec_known = {f.name for f in dataclasses.fields(RecurrenceConfig)}
+            rec_unknown = sorted(set(rec) - rec_known)
+            if rec_unknown:
+                raise ConfigError(f"Unknown RecurrenceConfig field(s): {', '.join(rec_unknown)}.")
+            data["recurrence"] = RecurrenceConfig(**rec)
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"The model config is not valid JSON: {exc}.") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as JSON atomically (temp file + rename)."""
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ModelConfig:
+        """Read a JSON or YAML config file (safe loaders only)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                return cls.from_dict(yaml.safe_load(text))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}.") from None
+        return cls.from_json(text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

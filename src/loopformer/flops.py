@@ -1,0 +1,60 @@
+"""Analytic FLOP counts (multiply-add = 2 FLOPs) for model FLOP utilisation reports.
+
+Training cost per token = 3 x forward for everything that carries gradient (prelude, coda, head, the
+injection's input term, the last k core iterations) + 1 x forward for the r - k no-grad iterations.
+Attention scores and values cost 4 * n_heads * head_dim * context FLOPs per token and layer, with the
+mean causal context (T + 1) / 2, or the window when smaller.
+"""
+
+from __future__ import annotations
+
+from loopformer.config import ModelConfig
+
+
+def _mean_context(config: ModelConfig, seq_len: int) -> float:
+    full = (seq_len + 1) / 2
+    window = config.sliding_window
+    if window is None or window >= seq_len:
+        return full
+    # positions < W see i + 1 tokens, the rest see W.
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def layer_flops(config: ModelConfig, seq_len: int, lora: bool = False) -> float:
+    """Forward FLOPs per token of one transformer layer."""
+    q_width = config.n_heads * config.head_dim
+    kv_width = config.n_kv_heads * config.head_dim
+    linears = [
+        (config.dim, q_width + 2 * kv_width),
+        (q_width, config.dim),
+        (config.dim, 2 * config.mlp_hidden),
+        (config.mlp_hidden, config.dim),
+    ]
+    flops = sum(2 * i * o for i, o in linears)
+    if lora and config.lora_rank:
+        flops += sum(2 * config.lora_rank * (i + o) for i, o in linears)
+    return flops + 4 * q_width * _mean_context(config, seq_len)
+
+
+def core_step_flops(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one core iteration (injection state term + core layers)."""
+    injection = 2 * config.dim * config.dim if config.injection == "concat" else 0
+    return injection + config.n_core * layer_flops(config, seq_len, lora=True)
+
+
+def once_flops(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token outside the loop: prelude, injection input term, coda, head."""
+    injection = 2 * config.dim * config.dim if config.injection in ("concat", "lti") else 0
+    head = 2 * config.dim * config.vocab_size
+    return (config.n_prelude + config.n_coda) * layer_flops(config, seq_len) + injection + head
+
+
+def forward_flops_per_token(config: ModelConfig, steps: int, seq_len: int) -> float:
+    return once_flops(config, seq_len) + steps * core_step_flops(config, seq_len)
+
+
+def training_flops_per_token(config: ModelConfig, steps: int, backprop_depth: int, seq_len: int) -> float:
+    """Forward + backward FLOPs per token at ``steps`` iterations, the last ``backprop_depth`` with grad."""
+    grad_steps = min(steps, backprop_depth)
+    core = core_step_flops(config, seq_len)
+    return 3 * once_flops(config, seq_len) + (steps - grad_steps) * core + 3 * grad_steps * core

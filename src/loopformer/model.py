@@ -1,0 +1,267 @@
+"""LoopLM: a recurrent-depth transformer LM behind a step-level interface.
+
+    e   = model.embed(ids, ctx)            prelude, then the input side of the injection (once)
+    s   = model.init_state(e, generator)   truncated normal (seeded) or zero
+    s   = model.step(s, e, i, ctx)         one core iteration i: injection -> loop signals -> core layers
+    out = model.decode(s, ctx)             final norm -> coda -> final norm -> head
+
+``forward`` composes them through :meth:`LoopLM.recur`, the only loop over core iterations.
+Training (depth sampling, truncated backprop), inference and analysis reuse these same functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopformer.config import ModelConfig
+from loopformer.errors import InputError
+from loopformer.nn.attention import AttentionContext
+from loopformer.nn.depth import LoopEmbedding, loop_slot
+from loopformer.nn.injection import INJECTIONS, LTI_DT_INIT, LTIInjection
+from loopformer.nn.layer import Layer
+from loopformer.nn.linear import LoopLinear
+from loopformer.nn.norm import RMSNorm
+from loopformer.recurrence import sample_depth
+
+Steps = int | torch.Tensor
+
+
+@dataclass
+class LoopOutput:
+    """Result of :meth:`LoopLM.forward`.
+
+    ``steps`` is the depth that ran (an int, or a [B] tensor for per-sequence depth); ``states`` holds
+    the latent state after every iteration when requested (``states[i]`` is s_{i+1}).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    state: torch.Tensor
+    steps: Steps
+    states: list[torch.Tensor] | None = None
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy in fp32; ``labels`` aligned with the inputs (shifted here)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index)
+
+
+class LoopLM(nn.Module):
+    def __init__(self, config: ModelConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude))
+        self.injection = INJECTIONS[config.injection](config)
+        self.loop_embedding = LoopEmbedding(config) if config.loop_embedding != "none" else None
+        self.core = nn.ModuleList(Layer(config, config.lora_rank, config.per_loop_slots) for _ in range(config.n_core))
+        self.coda = nn.ModuleList(Layer(config) for _ in range(config.n_coda))
+        self.final_norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = None if config.tie_embeddings else LoopLinear(config.dim, config.vocab_size)
+        self._uses_slots = config.lora_rank > 0 or config.loop_embedding == "learned"
+        self.reset_parameters(generator)
+
+    # ----- initialisation -----------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Takase init: std sqrt(2/(5h)), output projections divided by sqrt(2L), L = effective depth."""
+        cfg = self.config
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.effective_depth())
+
+        def normal(tensor: torch.Tensor, sd: float) -> None:
+            nn.init.trunc_normal_(tensor, 0.0, sd, -3 * sd, 3 * sd, generator=generator)
+
+        normal(self.tok_emb.weight, std)
+        for name, module in self.named_modules():
+            if isinstance(module, LoopLinear):
+                is_out = name.endswith("attn.out") or name.endswith("mlp.proj")
+                normal(module.weight, out_std if is_out else std)
+                if module.lora_a is not None:
+                    normal(module.lora_a, std)
+                    module.lora_b.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, LoopEmbedding) and module.table is not None:
+                normal(module.table, std)
+        for layer in self.layers():
+            if layer.attn.q_bias is not None:
+                layer.attn.q_bias.zero_()
+                layer.attn.k_bias.zero_()
+        if isinstance(self.injection, LTIInjection):
+            self.injection.log_a.zero_()
+            self.injection.dt_bias.fill_(LTI_DT_INIT)
+            nn.init.eye_(self.injection.input_proj.weight)
+
+    def layers(self) -> list[Layer]:
+        return [*self.prelude, *self.core, *self.coda]
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count; a tied embedding counts once."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ----- the step interface -------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Token embedding -> prelude -> the injection's input-side term (computed once, reused r times)."""
+        x = self.tok_emb(input_ids)
+        if self.config.embed_scale:
+            x = x * math.sqrt(self.config.dim)
+        for layer in self.prelude:
+            x = layer(x, ctx)
+        return self.injection.prepare(x)
+
+    def init_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial latent state shaped like ``e``: zero, or truncated normal (3 sigma) from ``generator``."""
+        cfg = self.config
+        if cfg.state_init == "zero" or cfg.state_init_std == 0:
+            return torch.zeros_like(e)
+        device = generator.device if generator is not None else e.device
+        state = torch.empty(e.shape, device=device, dtype=torch.float32)
+        sd = cfg.state_init_std
+        nn.init.trunc_normal_(state, 0.0, sd, -3 * sd, 3 * sd, generator=generator)
+        return state.to(device=e.device, dtype=e.dtype)
+
+    def step(self, state: torch.Tensor, e: torch.Tensor, index: int, ctx: AttentionContext) -> torch.Tensor:
+        """Core iteration ``index`` (0-based): inject e, add the loop signal, run the core layers."""
+        cfg = self.config
+        slot = loop_slot(index, cfg.per_loop_slots, cfg.loop_overflow) if self._uses_slots else None
+        x = self.injection(state, e)
+        if self.loop_embedding is not None:
+            x = self.loop_embedding(x, index, slot)
+        for layer in self.core:
+            x = layer(x, ctx, slot)
+        return x.to(state.dtype)
+
+    def decode(self, state: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Final norm -> coda -> the same final norm -> LM head (as in Huginn). Returns logits."""
+        x = self.final_norm(state)
+        for layer in self.coda:
+            x = layer(x, ctx)
+        x = self.final_norm(x)
+        weight = self.tok_emb.weight if self.head is None else self.head.weight
+        return F.linear(x, weight)
+
+    # ----- composition --------------------------------------------------------------------
+    def recur(
+        self,
+        state: torch.Tensor,
+        e: torch.Tensor,
+        ctx: AttentionContext,
+        steps: Steps,
+        backprop_depth: int | None = None,
+        return_states: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Run the core ``steps`` times (an int, or a [B] tensor of per-row depths).
+
+        With ``backprop_depth = k`` only each row's last k iterations carry gradient; earlier ones
+        run under ``no_grad`` (or are detached per row when rows differ in depth). A row whose depth
+        is reached keeps its state while the others continue.
+        """
+        per_row = isinstance(steps, torch.Tensor)
+        total = int(steps.max()) if per_row else int(steps)
+        if per_row:
+            steps = steps.to(state.device)
+            first_grad = 0 if backprop_depth is None else max(int(steps.min()) - backprop_depth, 0)
+        else:
+            first_grad = 0 if backprop_depth is None else max(total - backprop_depth, 0)
+        grad_enabled = torch.is_grad_enabled()
+        states: list[torch.Tensor] | None = [] if return_states else None
+        for index in range(total):
+            with torch.set_grad_enabled(grad_enabled and index >= first_grad):
+                new = self.step(state, e, index, ctx)
+                if per_row:
+                    if backprop_depth is not None and torch.is_grad_enabled():
+                        in_grad_window = (index >= steps - backprop_depth).view(-1, 1, 1)
+                        new = torch.where(in_grad_window, new, new.detach())
+                    state = torch.where((index < steps).view(-1, 1, 1), new, state)
+                else:
+                    state = new
+            if states is not None:
+                states.append(state)
+        return state, states
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        num_steps: Steps | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        backprop_depth: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        depth_generator: torch.Generator | None = None,
+        return_states: bool = False,
+    ) -> LoopOutput:
+        """Logits (and loss if ``labels``) for ``input_ids`` [B, T].
+
+        ``num_steps``: core iterations, an int >= 1 or a [B] tensor. If None, training mode draws it
+        from the configured sampler (with ``depth_generator``) and eval mode uses ``mean_steps``.
+        ``backprop_depth``: iterations with gradient; in training mode it defaults to the config's.
+        ``generator`` / ``seed``: the random initial state's source.
+        """
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise InputError(f"Sequence length {input_ids.shape[1]} exceeds max_seq_len ({self.config.max_seq_len}).")
+        steps, backprop_depth = self._resolve_depth(num_steps, backprop_depth, input_ids.shape[0], depth_generator)
+        if seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        ctx = AttentionContext.for_sequence(self.config, input_ids.shape[1], input_ids.device)
+        e = self.embed(input_ids, ctx)
+        state = self.init_state(e, generator)
+        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states)
+        logits = self.decode(state, ctx)
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return LoopOutput(logits=logits, loss=loss, state=state, steps=steps, states=states)
+
+    def _resolve_depth(
+        self,
+        num_steps: Steps | None,
+        backprop_depth: int | None,
+        batch_size: int,
+        depth_generator: torch.Generator | None,
+    ) -> tuple[Steps, int | None]:
+        rec = self.config.recurrence
+        if num_steps is None:
+            num_steps = sample_depth(rec, batch_size, depth_generator) if self.training else rec.mean_steps
+        if isinstance(num_steps, torch.Tensor):
+            if num_steps.shape != (batch_size,) or num_steps.dtype.is_floating_point:
+                raise InputError(f"Per-row num_steps must be an integer tensor of shape [{batch_size}].")
+            if int(num_steps.min()) < 1:
+                raise InputError("num_steps must be >= 1 for every row.")
+        elif int(num_steps) != num_steps or num_steps < 1:
+            raise InputError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+        else:
+            num_steps = int(num_steps)
+        if backprop_depth is None and self.training:
+            backprop_depth = rec.backprop_depth
+        if backprop_depth is not None and backprop_depth < 1:
+            raise InputError(f"backprop_depth must be >= 1, got {backprop_depth}.")
+        return num_steps, backprop_depth
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoopLM:
+    """Construct and initialise a model; ``seed`` makes the weights reproducible.
+
+    On the ``meta`` device nothing is materialised (for counting parameters of large presets).
+    """
+    device = torch.device(device or "cpu")
+    generator = None
+    if seed is not None and device.type != "meta":
+        generator = torch.Generator(device=device).manual_seed(seed)
+    with device:
+        model = LoopLM(config, generator)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
