@@ -47,8 +47,13 @@ class LoopOutput:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross-entropy in fp32; ``labels`` aligned with the inputs (shifted here)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index)
+    """Next-token cross-entropy in fp32; ``labels`` aligned with the inputs (shifted here).
+
+    The labels are shifted rather than the logits, so no slice of the large logits tensor is taken
+    (its backward would zero-fill and copy the whole tensor).
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
 
 class LoopLM(nn.Module):
