@@ -153,7 +153,9 @@ class ModelConfig:
                 self.n_heads,
                 f"n_heads must divide dim ({self.dim}), or set head_dim explicitly",
             )
-            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        for name, default in self.derived_defaults().items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         _check(
             self.head_dim >= 2 and self.head_dim % 2 == 0,
             owner,
@@ -161,8 +163,6 @@ class ModelConfig:
             self.head_dim,
             "must be a positive even number (RoPE rotates pairs)",
         )
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
         _check(
             self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
             owner,
@@ -170,10 +170,10 @@ class ModelConfig:
             self.n_kv_heads,
             f"must be >= 1 and divide n_heads ({self.n_heads})",
         )
-        if self.mlp_hidden is None:
-            object.__setattr__(self, "mlp_hidden", 32 * math.ceil(8 * self.dim / 3 / 32))
-        _check(self.mlp_hidden >= 1, owner, "mlp_hidden", self.mlp_hidden, "must be >= 1")
-        _check(self.norm_eps > 0, owner, "norm_eps", self.norm_eps, "must be > 0")
+        for name in ("mlp_hidden", "per_loop_slots"):
+            _check(getattr(self, name) >= 1, owner, name, getattr(self, name), "must be >= 1")
+        for name in ("norm_eps", "init_std"):
+            _check(getattr(self, name) > 0, owner, name, getattr(self, name), "must be > 0")
         _check(self.rope_base > 1, owner, "rope_base", self.rope_base, "must be > 1")
         if self.sliding_window is not None:
             _check(self.sliding_window >= 1, owner, "sliding_window", self.sliding_window, "must be None or >= 1")
@@ -185,12 +185,6 @@ class ModelConfig:
         _check_choice(owner, "loop_overflow", self.loop_overflow, LOOP_OVERFLOW_POLICIES)
         _check(0 < self.lti_eps < 1, owner, "lti_eps", self.lti_eps, "must lie in (0, 1)")
         _check(self.state_init_std >= 0, owner, "state_init_std", self.state_init_std, "must be >= 0")
-        if self.per_loop_slots is None:
-            object.__setattr__(self, "per_loop_slots", 2 * self.recurrence.mean_steps)
-        _check(self.per_loop_slots >= 1, owner, "per_loop_slots", self.per_loop_slots, "must be >= 1")
-        if self.init_std is None:
-            object.__setattr__(self, "init_std", math.sqrt(2 / (5 * self.dim)))
-        _check(self.init_std > 0, owner, "init_std", self.init_std, "must be > 0")
 
     # ----- derived quantities -------------------------------------------------------------
     @property
@@ -211,8 +205,25 @@ class ModelConfig:
             kind += f", window {self.sliding_window}"
         return kind
 
+    def derived_defaults(self) -> dict[str, Any]:
+        """What each optional field resolves to when left as None, given the other fields."""
+        return {
+            "head_dim": self.dim // self.n_heads if self.dim % self.n_heads == 0 else None,
+            "n_kv_heads": self.n_heads,
+            "mlp_hidden": 32 * math.ceil(8 * self.dim / 3 / 32),
+            "per_loop_slots": 2 * self.recurrence.mean_steps,
+            "init_std": math.sqrt(2 / (5 * self.dim)),
+        }
+
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with ``changes`` applied and validated; ``recurrence`` may be a dict of changes."""
+        """A copy with ``changes`` applied and validated; ``recurrence`` may be a dict of changes.
+
+        Optional fields still at their derived default (e.g. ``head_dim = dim // n_heads``) are
+        derived again from the new values unless ``changes`` sets them.
+        """
+        for name, default in self.derived_defaults().items():
+            if name not in changes and getattr(self, name) == default:
+                changes[name] = None
         rec = changes.pop("recurrence", None)
         if isinstance(rec, dict):
             changes["recurrence"] = dataclasses.replace(self.recurrence, **rec)

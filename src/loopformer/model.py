@@ -111,6 +111,10 @@ class LoopLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ----- the step interface -------------------------------------------------------------
+    def context(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> AttentionContext:
+        """The attention context (RoPE angles, mask) of a causal pass over ``input_ids`` [B, T]."""
+        return AttentionContext.for_sequence(self.config, input_ids.shape[1], input_ids.device, positions)
+
     def embed(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Token embedding -> prelude -> the injection's input-side term (computed once, reused r times)."""
         x = self.tok_emb(input_ids)
@@ -121,21 +125,26 @@ class LoopLM(nn.Module):
         return self.injection.prepare(x)
 
     def init_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Initial latent state shaped like ``e``: zero, or truncated normal (3 sigma) from ``generator``."""
+        """Initial latent state shaped like ``e``: zero, or truncated normal (3 sigma) from ``generator``.
+
+        The state has the parameters' dtype (fp32 under bf16 autocast): it accumulates over many
+        iterations, so it is not left in the autocast dtype of ``e``.
+        """
         cfg = self.config
+        dtype = self.tok_emb.weight.dtype
         if cfg.state_init == "zero" or cfg.state_init_std == 0:
-            return torch.zeros_like(e)
+            return torch.zeros(e.shape, device=e.device, dtype=dtype)
         device = generator.device if generator is not None else e.device
         state = torch.empty(e.shape, device=device, dtype=torch.float32)
         sd = cfg.state_init_std
         nn.init.trunc_normal_(state, 0.0, sd, -3 * sd, 3 * sd, generator=generator)
-        return state.to(device=e.device, dtype=e.dtype)
+        return state.to(device=e.device, dtype=dtype)
 
     def step(self, state: torch.Tensor, e: torch.Tensor, index: int, ctx: AttentionContext) -> torch.Tensor:
         """Core iteration ``index`` (0-based): inject e, add the loop signal, run the core layers."""
         cfg = self.config
         slot = loop_slot(index, cfg.per_loop_slots, cfg.loop_overflow) if self._uses_slots else None
-        x = self.injection(state, e)
+        x = self.injection(state, e).to(state.dtype)
         if self.loop_embedding is not None:
             x = self.loop_embedding(x, index, slot)
         for layer in self.core:
@@ -216,7 +225,7 @@ class LoopLM(nn.Module):
         steps, backprop_depth = self._resolve_depth(num_steps, backprop_depth, input_ids.shape[0], depth_generator)
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        ctx = AttentionContext.for_sequence(self.config, input_ids.shape[1], input_ids.device)
+        ctx = self.context(input_ids)
         e = self.embed(input_ids, ctx)
         state = self.init_state(e, generator)
         state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states)
