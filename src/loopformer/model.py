@@ -25,6 +25,7 @@ from loopformer.nn.depth import LoopEmbedding, loop_slot
 from loopformer.nn.injection import INJECTIONS, LTI_DT_INIT, LTIInjection
 from loopformer.nn.layer import Layer
 from loopformer.nn.linear import LoopLinear
+from loopformer.nn.loss import cross_entropy
 from loopformer.nn.norm import RMSNorm
 from loopformer.recurrence import sample_depth
 
@@ -53,7 +54,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
     (its backward would zero-fill and copy the whole tensor).
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    return cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index)
 
 
 class LoopLM(nn.Module):
