@@ -1,30 +1,12 @@
-"""Shared test helpers: small configs that run in milliseconds on a CPU."""
+"""Fixtures shared by every test."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loopformer.config import ModelConfig, RecurrenceConfig
-
-
-def small_config(**changes: object) -> ModelConfig:
-    """A 32-wide model with layers 1/2/1 and a 64-token vocabulary; ``changes`` override fields."""
-    base = {
-        "vocab_size": 64,
-        "dim": 32,
-        "n_heads": 4,
-        "n_prelude": 1,
-        "n_core": 2,
-        "n_coda": 1,
-        "mlp_hidden": 64,
-        "max_seq_len": 256,
-        "recurrence": RecurrenceConfig(mean_steps=3, backprop_depth=2),
-    }
-    base.update(changes)
-    return ModelConfig(**base)
-
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads() -> None:
+def _seed_global_rng() -> None:
+    """Every test starts from the same global RNG state."""
     torch.manual_seed(0)

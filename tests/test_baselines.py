@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import small_config
 from loopformer import ConfigError, build_model
 from loopformer.baselines import compute_matched, derive_baseline, param_matched
 from loopformer.flops import core_step_flops, forward_flops_per_token, layer_flops
+from support import small_config
 
 
 def params(config) -> int:

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import small_config
 from loopformer import InputError, build_model
 from loopformer.nn.attention import AttentionContext
+from support import small_config
 
 ATTENTION_VARIANTS = {
     "mha": {},

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.nn.depth import LoopEmbedding, loop_slot, sinusoidal_loop_embedding
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: run intra-op single-threaded (OpenMP spin-waits dominate on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("policy", ["reuse-last", "cycle", "off"])

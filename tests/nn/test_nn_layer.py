@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,16 +10,6 @@ import torch
 from loopformer.config import ModelConfig
 from loopformer.nn.attention import AttentionContext
 from loopformer.nn.layer import Layer
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: run intra-op single-threaded (OpenMP spin-waits dominate on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 B, T = 2, 5
 
