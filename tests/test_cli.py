@@ -72,3 +72,32 @@ def test_entry_point_runs_as_a_module() -> None:
     assert result.stderr.strip() == (
         "loopformer: error: --steps 'x' is invalid: expected comma-separated integers such as 1,2,4."
     )
+
+
+def test_show_a_preset_then_run_the_demo_from_an_edited_config(capsys, tmp_path) -> None:
+    assert main(["presets", "--show", "tiny"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["dim"] == 64 and config["recurrence"]["mean_steps"] == 4
+    config["injection"] = "lti"
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(config))
+    assert main(["demo", "--config", str(path), "--steps", "2", "--batch", "1", "--seq-len", "8"]) == 0
+    assert "lti injection" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [("dim: 63\nn_heads: 4\n", "n_heads=4 is invalid"), ("{oops", "not valid YAML"), (None, "does not exist")],
+)
+def test_demo_with_a_bad_config_file_exits_2(capsys, tmp_path, content: str | None, fragment: str) -> None:
+    path = tmp_path / "bad.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert main(["demo", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_show_unknown_preset_exits_2(capsys) -> None:
+    assert main(["presets", "--show", "nope"]) == 2
+    assert "Unknown preset 'nope'" in capsys.readouterr().err

@@ -99,6 +99,10 @@ def test_load_errors_are_config_errors(tmp_path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.load(bad)
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot be read as UTF-8"):
+        ModelConfig.load(binary)
     with pytest.raises(ConfigError, match="Unknown ModelConfig field"):
         ModelConfig.from_dict({"dim": 64, "width": 3})
     with pytest.raises(ConfigError, match="Unknown RecurrenceConfig field"):

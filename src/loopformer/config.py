@@ -274,13 +274,23 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist.")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Config file {str(path)!r} cannot be read as UTF-8 text ({exc}).") from None
         if path.suffix in (".yaml", ".yml"):
             try:
                 return cls.from_dict(yaml.safe_load(text))
             except yaml.YAMLError as exc:
-                raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}.") from None
+                raise ConfigError(f"Config file {str(path)!r} is not valid YAML ({_yaml_problem(exc)}).") from None
         return cls.from_json(text)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A one-line description of a YAML parse error: what went wrong and where."""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def atomic_write_text(path: Path, text: str) -> None:

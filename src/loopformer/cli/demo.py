@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from loopformer.cli.table import format_table
+from loopformer.config import ModelConfig
 from loopformer.errors import InputError
 from loopformer.model import build_model
 from loopformer.presets import get_preset
@@ -45,14 +46,15 @@ def sample_batch(batch: int, seq_len: int, vocab_size: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     steps_list = parse_steps(args.steps)
-    config = get_preset(args.preset)
+    config = ModelConfig.load(args.config) if args.config else get_preset(args.preset)
+    name = args.config or args.preset
     if args.seq_len < 2 or args.batch < 1:
         raise InputError("--seq-len must be >= 2 and --batch >= 1.")
     torch.manual_seed(args.seed)
     model = build_model(config, seed=args.seed).eval()
     ids = sample_batch(args.batch, args.seq_len, config.vocab_size)
     print(
-        f"preset {args.preset}: {model.num_parameters():,} parameters, layers "
+        f"{name}: {model.num_parameters():,} parameters, layers "
         f"{config.n_prelude}/{config.n_core}/{config.n_coda}, {config.injection} injection, untrained weights"
     )
     print(f"input: {args.batch} x {args.seq_len} bytes of {STDLIB_SAMPLE}\n")
@@ -82,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run a preset at several depths on embedded data")
-    parser.add_argument("--preset", default="tiny", help="preset name (see `loopformer presets`)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="tiny", help="preset name (see `loopformer presets`)")
+    source.add_argument("--config", help="a model config file (JSON or YAML), e.g. from `loopformer presets --show`")
     parser.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated core iteration counts")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)

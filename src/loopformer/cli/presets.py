@@ -8,7 +8,7 @@ from typing import Any
 
 from loopformer.cli.table import format_table
 from loopformer.model import build_model
-from loopformer.presets import PRESETS
+from loopformer.presets import PRESETS, get_preset
 
 
 def preset_summary(name: str) -> dict[str, Any]:
@@ -37,6 +37,9 @@ def human_count(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.show:
+        print(get_preset(args.show).to_json())
+        return 0
     summaries = [preset_summary(name) for name in PRESETS]
     if args.json:
         print(json.dumps(summaries, indent=2))
@@ -73,4 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("presets", help="list the named model presets")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument(
+        "--show", metavar="NAME", help="print one preset's full config as JSON (a starting point for --config files)"
+    )
     parser.set_defaults(run=run)
