@@ -145,12 +145,12 @@ class LoopLM(nn.Module):
         """Core iteration ``index`` (0-based): inject e, add the loop signal, run the core layers."""
         cfg = self.config
         slot = loop_slot(index, cfg.per_loop_slots, cfg.loop_overflow) if self._uses_slots else None
-        x = self.injection(state, e).to(state.dtype)
+        x = self.injection(state, e).to(state.dtype)  # the residual stream keeps the state's dtype
         if self.loop_embedding is not None:
             x = self.loop_embedding(x, index, slot)
         for layer in self.core:
             x = layer(x, ctx, slot)
-        return x.to(state.dtype)
+        return x
 
     def decode(self, state: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Final norm -> coda -> the same final norm -> LM head (as in Huginn). Returns logits."""

@@ -14,6 +14,7 @@ The sinusoidal embedding is a fixed function of i and is defined for every i.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,6 +45,10 @@ def sinusoidal_loop_embedding(index: int, dim: int, device: torch.device | None 
     return code.float()
 
 
+# The code depends only on (index, dim, device): built once, not on every iteration. Shared: never modify it.
+_cached_code = functools.lru_cache(maxsize=1024)(sinusoidal_loop_embedding)
+
+
 class LoopEmbedding(nn.Module):
     """Adds a code of the loop index to the injected state: sinusoidal (fixed) or learned per slot."""
 
@@ -59,7 +64,7 @@ class LoopEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, index: int, slot: int | None) -> torch.Tensor:
         if self.kind == "sinusoidal":
-            return x + (self.scale * sinusoidal_loop_embedding(index, self.dim, x.device)).to(x.dtype)
+            return x + self.scale * _cached_code(index, self.dim, x.device).to(x.dtype)
         if self.kind == "learned" and slot is not None:
             return x + self.scale * self.table[slot].to(x.dtype)
         return x
