@@ -30,18 +30,13 @@ def state_growth(injection: str, layout: str, scale: float, steps: int, seed: in
         if isinstance(weight, torch.nn.Parameter) and weight.dim() == 2:
             weight.mul_(scale)
     ids = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
-    ctx = model.context(ids)
-    e = model.embed(ids, ctx)
-    state = model.init_state(e, torch.Generator().manual_seed(seed))
-    peak, peak_at = 0.0, 0
-    for index in range(steps):
-        state = model.step(state, e, index, ctx)
-        rms = state.float().pow(2).mean(-1).sqrt().max().item()
-        if not rms < DIVERGED:  # also catches inf and nan
-            return {"max_rms": float("inf"), "diverged_at": index + 1, "final_rms": rms}
-        if rms > peak:
-            peak, peak_at = rms, index + 1
-    return {"max_rms": peak, "max_at": peak_at, "final_rms": rms, "diverged_at": None}
+    states = model(ids, num_steps=steps, seed=seed, return_states=True).states
+    rms = torch.stack([state.float().pow(2).mean(-1).sqrt().max() for state in states])
+    bad = (~(rms < DIVERGED)).nonzero()  # also catches inf and nan
+    if len(bad):
+        return {"max_rms": float("inf"), "diverged_at": int(bad[0]) + 1, "final_rms": float(rms[-1])}
+    peak_at = int(rms.argmax())
+    return {"max_rms": float(rms[peak_at]), "max_at": peak_at + 1, "final_rms": float(rms[-1]), "diverged_at": None}
 
 
 def main() -> None:
@@ -49,7 +44,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4096)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
     rows = []
     for injection, layout in [("lti", "pre"), ("lti", "sandwich"), ("concat", "sandwich"), ("concat", "pre"),
                               ("add", "pre")]:  # fmt: skip

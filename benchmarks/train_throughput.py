@@ -569,6 +569,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in args.cases.split(",") if c not in cases]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(cases)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here")
     if min(args.warmup, args.steps, args.matmul_reps, args.threads) < 1 or not args.matmul_sizes:
         parser.error("--warmup, --steps, --matmul-reps and --threads must be >= 1, --matmul-sizes non-empty")
     return args

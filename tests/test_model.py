@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loopformer import InputError, build_model
+from loopformer.model import lm_loss
 from loopformer.nn.attention import AttentionContext
 from support import small_config
 
@@ -96,15 +97,9 @@ def test_depths_from_1_to_4096(injection: str, layout: str) -> None:
 def _state_rms_trajectory(model: torch.nn.Module, steps: int) -> torch.Tensor:
     """Largest per-token RMS of the latent state after each of ``steps`` iterations."""
     ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
-    ctx = AttentionContext.for_sequence(model.config, ids.shape[1], ids.device)
-    rms = torch.empty(steps)
     with torch.no_grad():
-        e = model.embed(ids, ctx)
-        state = model.init_state(e, torch.Generator().manual_seed(0))
-        for index in range(steps):
-            state = model.step(state, e, index, ctx)
-            rms[index] = state.pow(2).mean(-1).sqrt().max()
-    return rms
+        states = model(ids, num_steps=steps, seed=0, return_states=True).states
+    return torch.stack([state.pow(2).mean(-1).sqrt().max() for state in states])
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0])
@@ -157,8 +152,6 @@ def test_truncated_backprop_matches_detaching_before_the_last_k() -> None:
     state = state.detach()
     for index in range(steps - k, steps):
         state = model.step(state, e, index, ctx)
-    from loopformer.model import lm_loss
-
     lm_loss(model.decode(state, ctx), ids).backward()
     for got, want in zip(truncated, _core_grads(model), strict=True):
         torch.testing.assert_close(got, want)
