@@ -1,6 +1,10 @@
-"""Shared test helper: a small config that runs in milliseconds on a CPU."""
+"""Shared test helpers: a small config that runs in milliseconds on a CPU, a tiny text corpus."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import torch
 
 from loopformer.config import ModelConfig, RecurrenceConfig
 
@@ -20,3 +24,16 @@ def small_config(**changes: object) -> ModelConfig:
     }
     base.update(changes)
     return ModelConfig(**base)
+
+
+WORDS = ["loop", "state", "depth", "token", "prelude", "coda", "core", "inject", "norm", "head", "attention", "window"]
+
+
+def write_corpus(folder: Path, documents: int = 24, words: int = 120) -> Path:
+    """A folder of small text files with a learnable pattern, deterministic."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for d in range(documents):
+        picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
+        (folder / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in picks) + "\n")
+    return folder

@@ -296,3 +296,34 @@ def test_too_long_and_badly_shaped_inputs() -> None:
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(InputError, match=r"shape \[batch, seq\]"):
         model(torch.zeros(9, dtype=torch.long))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    model = build_model(small_config(), seed=0, dtype=torch.float64).train()
+    ids = torch.randint(0, 64, (2, 6))
+    grads = []
+    for checkpoint_steps in (False, True):
+        model.zero_grad()
+        out = model(ids, num_steps=5, backprop_depth=3, labels=ids, seed=0, checkpoint_steps=checkpoint_steps)
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for plain, recomputed in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_attention_mask_separates_packed_documents() -> None:
+    """With a block-diagonal causal mask, each packed document gives the logits it gives alone."""
+    first, second = torch.randint(0, 64, (1, 4)), torch.randint(0, 64, (1, 3))
+    packed = torch.cat([first, second], dim=1)
+    doc = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    i, j = torch.arange(7)[:, None], torch.arange(7)[None, :]
+    mask = ((doc[:, None] == doc[None, :]) & (j <= i)).view(1, 1, 7, 7)
+    model = build_model(small_config(state_init="zero"), seed=0).eval()
+    out = model(packed, num_steps=3, attention_mask=mask).logits
+    torch.testing.assert_close(out[:, 4:], model(second, num_steps=3).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :4], model(first, num_steps=3).logits, atol=1e-5, rtol=1e-5)
+    unmasked = model(packed, num_steps=3).logits
+    assert not torch.allclose(unmasked[:, 4:], out[:, 4:], atol=1e-4)
+    with pytest.raises(InputError, match="attention_mask"):
+        model(packed, num_steps=1, attention_mask=mask.float())

@@ -239,17 +239,11 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"A model config must be a mapping, got {type(data).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown ModelConfig field(s): {', '.join(unknown)}.")
+        check_known_fields(cls, data)
         data = dict(data)
         rec = data.get("recurrence")
         if isinstance(rec, dict):
-            rec_known = {f.name for f in dataclasses.fields(RecurrenceConfig)}
-            rec_unknown = sorted(set(rec) - rec_known)
-            if rec_unknown:
-                raise ConfigError(f"Unknown RecurrenceConfig field(s): {', '.join(rec_unknown)}.")
+            check_known_fields(RecurrenceConfig, rec)
             data["recurrence"] = RecurrenceConfig(**rec)
         return cls(**data)
 
@@ -271,19 +265,34 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ModelConfig:
         """Read a JSON or YAML config file (safe loaders only)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        return cls.from_dict(read_config_file(path))
+
+
+def check_known_fields(cls: type, data: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming every key of ``data`` that is not a field of dataclass ``cls``."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
+
+
+def read_config_file(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON or YAML file (safe loaders only) into plain data; one-sentence errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Config file {str(path)!r} cannot be read as UTF-8 text ({exc}).") from None
+    if path.suffix in (".yaml", ".yml"):
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"Config file {str(path)!r} cannot be read as UTF-8 text ({exc}).") from None
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                return cls.from_dict(yaml.safe_load(text))
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"Config file {str(path)!r} is not valid YAML ({_yaml_problem(exc)}).") from None
-        return cls.from_json(text)
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML ({_yaml_problem(exc)}).") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"Config file {str(path)!r} is not valid JSON: {exc}.") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

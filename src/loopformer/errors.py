@@ -11,3 +11,7 @@ class ConfigError(LoopformerError, ValueError):
 
 class InputError(LoopformerError, ValueError):
     """Invalid arguments to a model or library call (shapes, depths, ...)."""
+
+
+class TrainingError(LoopformerError, RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""

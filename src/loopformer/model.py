@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
@@ -112,9 +113,23 @@ class LoopLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ----- the step interface -------------------------------------------------------------
-    def context(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> AttentionContext:
-        """The attention context (RoPE angles, mask) of a causal pass over ``input_ids`` [B, T]."""
-        return AttentionContext.for_sequence(self.config, input_ids.shape[1], input_ids.device, positions)
+    def context(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> AttentionContext:
+        """The attention context (RoPE angles, mask) of a pass over ``input_ids`` [B, T].
+
+        ``attention_mask`` (bool, broadcastable to [B, H, T, T], True = may attend) replaces the default
+        causal / sliding-window mask, e.g. to keep packed documents from attending to each other.
+        """
+        ctx = AttentionContext.for_sequence(self.config, input_ids.shape[1], input_ids.device, positions)
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+                raise InputError("attention_mask must be a boolean tensor of shape [batch, 1, seq, seq].")
+            ctx.mask = attention_mask
+        return ctx
 
     def embed(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Token embedding -> prelude -> the injection's input-side term (computed once, reused r times)."""
@@ -170,12 +185,14 @@ class LoopLM(nn.Module):
         steps: Steps,
         backprop_depth: int | None = None,
         return_states: bool = False,
+        checkpoint_steps: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Run the core ``steps`` times (an int, or a [B] tensor of per-row depths).
 
         With ``backprop_depth = k`` only each row's last k iterations carry gradient; earlier ones
         run under ``no_grad`` (or are detached per row when rows differ in depth). A row whose depth
-        is reached keeps its state while the others continue.
+        is reached keeps its state while the others continue. ``checkpoint_steps`` recomputes each
+        gradient-carrying iteration in the backward pass instead of storing its activations.
         """
         per_row = isinstance(steps, torch.Tensor)
         total = int(steps.max()) if per_row else int(steps)
@@ -188,7 +205,10 @@ class LoopLM(nn.Module):
         states: list[torch.Tensor] | None = [] if return_states else None
         for index in range(total):
             with torch.set_grad_enabled(grad_enabled and index >= first_grad):
-                new = self.step(state, e, index, ctx)
+                if checkpoint_steps and torch.is_grad_enabled():
+                    new = checkpoint(self.step, state, e, index, ctx, use_reentrant=False)
+                else:
+                    new = self.step(state, e, index, ctx)
                 if per_row:
                     if backprop_depth is not None and torch.is_grad_enabled():
                         in_grad_window = (index >= steps - backprop_depth).view(-1, 1, 1)
@@ -211,6 +231,8 @@ class LoopLM(nn.Module):
         seed: int | None = None,
         depth_generator: torch.Generator | None = None,
         return_states: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        checkpoint_steps: bool = False,
     ) -> LoopOutput:
         """Logits (and loss if ``labels``) for ``input_ids`` [B, T].
 
@@ -218,6 +240,7 @@ class LoopLM(nn.Module):
         from the configured sampler (with ``depth_generator``) and eval mode uses ``mean_steps``.
         ``backprop_depth``: iterations with gradient; in training mode it defaults to the config's.
         ``generator`` / ``seed``: the random initial state's source.
+        ``attention_mask``: see :meth:`context`; ``checkpoint_steps``: see :meth:`recur`.
         """
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}.")
@@ -226,10 +249,10 @@ class LoopLM(nn.Module):
         steps, backprop_depth = self._resolve_depth(num_steps, backprop_depth, input_ids.shape[0], depth_generator)
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        ctx = self.context(input_ids)
+        ctx = self.context(input_ids, attention_mask=attention_mask)
         e = self.embed(input_ids, ctx)
         state = self.init_state(e, generator)
-        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states)
+        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps)
         logits = self.decode(state, ctx)
         loss = lm_loss(logits, labels) if labels is not None else None
         return LoopOutput(logits=logits, loss=loss, state=state, steps=steps, states=states)

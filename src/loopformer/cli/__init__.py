@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from loopformer import __version__
-from loopformer.cli import demo, presets
+from loopformer.cli import demo, eval_ppl, presets, train
 from loopformer.errors import LoopformerError
 
-COMMANDS = (presets, demo)
+COMMANDS = (presets, demo, train, eval_ppl)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from loopformer.cli.table import format_table
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
 from loopformer.model import build_model
 from loopformer.presets import get_preset
+from loopformer.table import format_table
 
 STDLIB_SAMPLE = Path(argparse.__file__)
 

@@ -6,9 +6,9 @@ import argparse
 import json
 from typing import Any
 
-from loopformer.cli.table import format_table
 from loopformer.model import build_model
 from loopformer.presets import PRESETS, get_preset
+from loopformer.table import format_table
 
 
 def preset_summary(name: str) -> dict[str, Any]:

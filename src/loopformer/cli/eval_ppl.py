@@ -1,0 +1,67 @@
+"""``loopformer eval-ppl``: validation perplexity of a checkpoint at several depths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from loopformer.cli.demo import parse_steps
+from loopformer.errors import InputError
+from loopformer.evaluation.perplexity import evaluate_depths, format_depth_table
+from loopformer.model import build_model
+from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
+from loopformer.training.config import TrainConfig
+from loopformer.training.data import document_mask, fixed_eval_batches
+from loopformer.training.pipeline import prepare_data
+from loopformer.training.tokenizer import TextTokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    depths = parse_steps(args.depths)
+    path = resolve_checkpoint(Path(args.ckpt))
+    state = load_checkpoint(path, load_optimizer=False)
+    saved = dict(state.meta.get("train_config", {}))
+    changes = {"data": args.data} if args.data else {}
+    if args.data:
+        changes["val_data"] = None
+    if args.seq_len:
+        changes["seq_len"] = args.seq_len
+    config = TrainConfig.from_dict({**saved, **changes})
+    if state.tokenizer_json is None:
+        raise InputError(f"Checkpoint {path} has no tokenizer.json, so its data cannot be tokenised.")
+    tokenizer = TextTokenizer.from_json(state.tokenizer_json)
+    data = prepare_data(config, tokenizer, log=lambda line: None)
+    model = build_model(state.config)
+    weights = state.ema if args.ema and state.ema is not None else state.model
+    model.load_state_dict(weights)
+    batches = fixed_eval_batches(data.val, args.batch_size, args.batches)
+    mask = (
+        (lambda b: {"attention_mask": document_mask(b.doc_ids, state.config.sliding_window)})
+        if config.doc_mask
+        else None
+    )
+    with torch.inference_mode():
+        results = evaluate_depths(model, batches, depths, seed=args.seed, forward_kwargs=mask)
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), "step": state.step, "results": [r.__dict__ for r in results]}))
+    else:
+        print(f"{path} (step {state.step}), {sum(r.tokens for r in results[:1]):,} validation tokens")
+        print(format_depth_table(results))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval-ppl", help="validation perplexity of a checkpoint vs depth")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    parser.add_argument("--depths", default="1,4,8,16,32", help="comma-separated core iteration counts")
+    parser.add_argument("--data", help="evaluate on this source instead of the run's validation split")
+    parser.add_argument("--seq-len", type=int, help="row length (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=8, help="validation batches (default: 8)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initial state")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.set_defaults(run=run)

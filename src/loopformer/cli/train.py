@@ -1,0 +1,180 @@
+"""``loopformer train``: every ModelConfig, RecurrenceConfig and TrainConfig field as a flag.
+
+Settings are layered: the preset (or, with ``--resume``, the run's own saved configs) < the ``--config``
+file < flags given on the command line. A run file is a JSON/YAML mapping of field names (flat, or under
+``model:`` / ``recurrence:`` / ``train:`` sections) plus an optional ``preset:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from loopformer.config import ModelConfig, RecurrenceConfig, read_config_file
+from loopformer.errors import ConfigError
+from loopformer.presets import PRESETS, get_preset
+from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
+from loopformer.training.config import TrainConfig
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "recurrence": RecurrenceConfig, "train": TrainConfig}
+SKIPPED_FIELDS = {("model", "recurrence")}
+HELP = {
+    "data": "stdlib (embedded), stdlib+topics, a text file, a folder of .txt/.md/.py, or JSONL with 'text'",
+    "val_data": "a separate validation source (default: a hash split of --data)",
+    "tokenizer": "bpe (trained on the data and cached), byte, or a tokenizer.json path",
+    "steps": "total optimizer steps (the schedule's length)",
+    "eval_depths": "comma-separated depths for validation perplexity",
+    "init_from": "fine-tune: start from this checkpoint's weights, tokenizer and model config",
+    "time_limit_minutes": "stop with a checkpoint after this many minutes",
+    "vocab_size": "set from the tokenizer for new runs (padded to a multiple of 64)",
+}
+
+
+def field_kind(annotation: str) -> tuple[Any, bool]:
+    """(parser for one value, whether None is allowed) of a dataclass field's annotation."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").strip()
+    parsers: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "tuple[int, ...]": str}
+    return parsers[base], optional
+
+
+def optional_value(parse: Any) -> Any:
+    def parser(text: str) -> Any:
+        return None if text.lower() == "none" else parse(text)
+
+    parser.__name__ = parse.__name__
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, ``dest`` = ``section.field``; absent flags leave no attribute (SUPPRESS)."""
+    for section, cls in SECTIONS.items():
+        title = {
+            "model": "model (defaults shown are ModelConfig's; --preset supplies its own)",
+            "recurrence": "depth sampling (recurrence)",
+            "train": "training",
+        }[section]
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            if (section, f.name) in SKIPPED_FIELDS:
+                continue
+            parse, optional = field_kind(str(f.type))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text = HELP.get(f.name, "")
+            helptext = f"{text} (default: {shown})" if text else f"default: {shown}"
+            flag = "--" + f.name.replace("_", "-")
+            dest = f"{section}.{f.name}"
+            if parse is bool:
+                group.add_argument(
+                    flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext
+                )
+            else:
+                kind = optional_value(parse) if optional else parse
+                group.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=helptext)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config fields given explicitly on the command line, by section."""
+    out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for key, value in vars(args).items():
+        section, _, name = key.partition(".")
+        if section in SECTIONS and name:
+            out[section][name] = value
+    return out
+
+
+def file_overrides(path: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """(preset, fields by section) of a run file; flat keys are routed to the section that owns them."""
+    data = read_config_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"Run file {path!r} must be a mapping of field names to values.")
+    preset = data.pop("preset", None)
+    out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    owners = {
+        f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if (s, f.name) not in SKIPPED_FIELDS
+    }
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for name, inner in value.items():
+                if name == "recurrence" and key == "model" and isinstance(inner, dict):
+                    out["recurrence"].update(inner)
+                elif name not in {f.name for f in dataclasses.fields(SECTIONS[key])}:
+                    raise ConfigError(f"Run file {path!r}: {key}.{name} is not a {SECTIONS[key].__name__} field.")
+                else:
+                    out[key][name] = inner
+        elif key in owners:
+            out[owners[key]][key] = value
+        else:
+            raise ConfigError(f"Run file {path!r}: unknown field {key!r} (see `loopformer train --help`).")
+    return preset, out
+
+
+def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for layer in layers:
+        for section, values in layer.items():
+            merged[section].update(values)
+    return merged
+
+
+def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training configs from base (preset or resumed run) < run file < flags."""
+    preset, from_file = file_overrides(args.config) if args.config else (None, {})
+    from_flags = flag_overrides(args)
+    changes = merge(from_file, from_flags)
+    train_base: dict[str, Any] = {}
+    if args.resume:
+        saved = load_checkpoint(resolve_checkpoint(Path(args.out)), load_optimizer=False)
+        model = saved.config
+        train_base = dict(saved.meta.get("train_config", {}))
+        if args.preset or preset:
+            model = get_preset(args.preset or preset).replace(vocab_size=saved.config.vocab_size)
+    elif changes["train"].get("init_from"):
+        model = load_checkpoint(resolve_checkpoint(Path(changes["train"]["init_from"])), load_optimizer=False).config
+    else:
+        model = get_preset(args.preset or preset or "tiny")
+    model_changes = dict(changes["model"])
+    if changes["recurrence"]:
+        model_changes["recurrence"] = changes["recurrence"]
+    model = model.replace(**model_changes)
+    train = TrainConfig.from_dict({**train_base, **changes["train"]})
+    return model, train
+
+
+def run(args: argparse.Namespace) -> int:
+    from loopformer.training.trainer import Trainer
+
+    model_config, train_config = resolve_configs(args)
+    trainer = Trainer(
+        model_config,
+        train_config,
+        args.out,
+        resume=args.resume,
+        stop_at=args.stop_at,
+        progress=False if args.no_progress else None,
+    )
+    result = trainer.fit()
+    if result.evaluation and trainer.dist.is_main:
+        from loopformer.evaluation.perplexity import format_depth_table
+
+        print(format_depth_table(result.evaluation))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a recurrent-depth LM (default: the tiny preset on the embedded standard-library corpus)",
+        description="Train a recurrent-depth LM. Settings: preset (or the resumed run) < --config file < flags.",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    parser.add_argument("--config", help="run file (JSON/YAML): field names flat or under model/recurrence/train")
+    parser.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step; continue with --resume")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is always written)")
+    add_config_flags(parser)
+    parser.set_defaults(run=run)

@@ -1,0 +1,1 @@
+"""Evaluation of trained looped models: validation loss and perplexity as a function of depth."""

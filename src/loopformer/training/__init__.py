@@ -1,0 +1,1 @@
+"""Training: data pipeline, optimiser, checkpoints, metrics and the trainer."""

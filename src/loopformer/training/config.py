@@ -1,0 +1,118 @@
+"""Training configuration: a frozen, validated dataclass with the same JSON/YAML form as the model config.
+
+Every field is reachable from a YAML/JSON run file (a ``train:`` section) and from a CLI flag of the same
+name (``--batch-size``); see ``loopformer train --help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from loopformer.config import _check, _check_choice, _check_types, check_known_fields
+
+SCHEDULES = ("constant", "cosine", "wsd")
+DTYPES = ("fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train on and how. Model shape lives in :class:`~loopformer.config.ModelConfig`."""
+
+    data: str = "stdlib"
+    val_data: str | None = None
+    val_fraction: float = 0.02
+    tokenizer: str = "bpe"
+    tokenizer_vocab: int = 4096
+    tokenizer_sample_mb: float = 8.0
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+    dtype: str = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    ema_decay: float = 0.0
+    doc_mask: bool = False
+    eval_every: int = 200
+    eval_depths: tuple[int, ...] = (1, 4, 8, 16, 32)
+    eval_batches: int = 4
+    save_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    max_bad_steps: int = 5
+    time_limit_minutes: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    strategy: str = "ddp"
+    tensorboard: bool = False
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = "TrainConfig"
+        if isinstance(self.eval_depths, (list, str)):
+            depths = self.eval_depths.split(",") if isinstance(self.eval_depths, str) else self.eval_depths
+            try:
+                object.__setattr__(self, "eval_depths", tuple(int(d) for d in depths))
+            except (TypeError, ValueError):
+                _check(False, owner, "eval_depths", self.eval_depths, "expected integers such as 1,4,8")
+        _check_types(self)
+        _check(
+            isinstance(self.eval_depths, tuple) and len(self.eval_depths) > 0 and min(self.eval_depths) >= 1,
+            owner,
+            "eval_depths",
+            self.eval_depths,
+            "expected a non-empty list of integers >= 1",
+        )
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "keep_last", "log_every"):
+            _check(getattr(self, name) >= 1, owner, name, getattr(self, name), "must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "max_bad_steps", "seed"):
+            _check(getattr(self, name) >= 0, owner, name, getattr(self, name), "must be >= 0 (0 turns it off)")
+        _check(self.seq_len >= 2, owner, "seq_len", self.seq_len, "must be >= 2")
+        _check(self.lr > 0, owner, "lr", self.lr, "must be > 0")
+        for name in ("val_fraction", "min_lr_ratio", "decay_fraction", "ema_decay"):
+            value = getattr(self, name)
+            _check(0 <= value < 1 or (name == "min_lr_ratio" and value == 1), owner, name, value, "must lie in [0, 1)")
+        _check(self.weight_decay >= 0, owner, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.grad_clip >= 0, owner, "grad_clip", self.grad_clip, "must be >= 0 (0 turns clipping off)")
+        _check(self.tokenizer_sample_mb > 0, owner, "tokenizer_sample_mb", self.tokenizer_sample_mb, "must be > 0")
+        if self.time_limit_minutes is not None:
+            _check(self.time_limit_minutes > 0, owner, "time_limit_minutes", self.time_limit_minutes, "must be > 0")
+        _check_choice(owner, "schedule", self.schedule, SCHEDULES)
+        _check_choice(owner, "dtype", self.dtype, DTYPES)
+        _check_choice(owner, "strategy", self.strategy, STRATEGIES)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["eval_depths"] = list(self.eval_depths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        check_known_fields(cls, data)
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def min_lr(self) -> float:
+        return self.lr * self.min_lr_ratio
+
+    def resolved_device(self) -> str:
+        """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

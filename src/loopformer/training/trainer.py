@@ -1,0 +1,460 @@
+"""The training loop: sampled depth per step, truncated backprop, accumulation, clipping, EMA, checkpoints.
+
+One optimizer step draws one depth (the same on every rank: every rank seeds the depth generator alike),
+runs ``grad_accum`` micro-batches of ``batch_size`` rows per rank through ``model(..., num_steps=depth,
+backprop_depth=k)`` and updates the weights. The random initial state of each micro-batch is seeded from
+(seed, step, global micro-batch index), so N ranks x 1 micro-batch equals 1 rank x N micro-batches.
+Everything a resumed run needs (weights, EMA, optimizer, depth generator, data position) is in the
+checkpoint, so ``resume`` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from loopformer.config import ModelConfig
+from loopformer.errors import InputError, TrainingError
+from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
+from loopformer.flops import training_flops_per_token
+from loopformer.model import LoopLM, build_model
+from loopformer.recurrence import sample_depth, sample_depths
+from loopformer.training.checkpoint import (
+    TrainingState,
+    capture_rng,
+    check_compatible,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from loopformer.training.config import TrainConfig
+from loopformer.training.data import Batch, BatchSampler, document_mask, fixed_eval_batches
+from loopformer.training.distributed import init_distributed, shutdown, wrap_model
+from loopformer.training.metrics import MetricsLogger, ProgressBar, measure_matmul_peak
+from loopformer.training.optim import EMA, build_optimizer, learning_rate, set_learning_rate
+from loopformer.training.pipeline import PreparedData, prepare_data
+from loopformer.training.tokenizer import TextTokenizer
+
+VOCAB_MULTIPLE = 64  # the embedding / head rows are padded to a multiple of this for matmul efficiency
+
+
+@dataclass
+class TrainResult:
+    step: int
+    reason: str  # completed | interrupted | time-limit | stop-at
+    checkpoint: Path | None
+    losses: dict[int, float] = field(default_factory=dict)  # optimizer step -> mean loss
+    evaluation: list[DepthResult] | None = None
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into "checkpoint and stop after this step"; a second one aborts."""
+
+    def __init__(self, say: Any) -> None:
+        self.requested = False
+        self._say = say
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._say("stop requested: saving a checkpoint after this step (press Ctrl-C again to abort)")
+
+    def __enter__(self) -> StopRequest:
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """Seed of the initial latent state of one micro-batch (global micro-batch index ``micro``)."""
+    return (seed * 1_000_003 + step) * 1_009 + micro
+
+
+class Trainer:
+    """Train ``model_config`` under ``train_config``, writing checkpoints and metrics to ``out_dir``.
+
+    ``resume=True`` continues the run in ``out_dir`` from its latest checkpoint (the model config must
+    match it in shape); ``stop_at`` ends this invocation at that step without shortening the schedule.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        stop_at: int | None = None,
+        stream: TextIO | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.config = train_config
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.stop_at = stop_at
+        self.stream = stream if stream is not None else sys.stderr
+        self.progress_enabled = progress
+
+    # ----- setup --------------------------------------------------------------------------
+    def _restore_source(self) -> TrainingState | None:
+        """The checkpoint this run starts from (resume, or init_from for fine-tuning), if any."""
+        latest = self.out_dir / "checkpoints" / "latest"
+        if self.resume:
+            state = load_checkpoint(resolve_checkpoint(self.out_dir))
+            self._check_shape(state.config)
+            return state
+        if latest.exists():
+            raise InputError(
+                f"{self.out_dir} already holds a training run; pass --resume to continue it or choose another --out."
+            )
+        if self.config.init_from:
+            state = load_checkpoint(resolve_checkpoint(Path(self.config.init_from)), load_optimizer=False)
+            self._check_shape(state.config)
+            return state
+        return None
+
+    def _check_shape(self, saved: ModelConfig) -> None:
+        """The requested model must have the checkpoint's shape (its vocabulary comes from the tokenizer)."""
+        check_compatible(saved, self.model_config.replace(vocab_size=saved.vocab_size))
+
+    def _say(self, line: str) -> None:
+        if self.dist.is_main:
+            if getattr(self, "progress", None) is not None:
+                self.progress.write(line)
+            else:
+                print(line, file=self.stream, flush=True)
+
+    def _setup(self) -> None:
+        cfg = self.config
+        self.dist = init_distributed(cfg.resolved_device())
+        if self.model_config.max_seq_len < cfg.seq_len:
+            limit = self.model_config.max_seq_len
+            raise InputError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len ({limit}); raise --max-seq-len.")
+        source = self._restore_source()
+        tokenizer = TextTokenizer.from_json(source.tokenizer_json) if source and source.tokenizer_json else None
+        self.data: PreparedData = prepare_data(cfg, tokenizer, self._say, self.dist.is_main, self.dist.barrier)
+        model_config = self.model_config
+        if source is not None:
+            model_config = model_config.replace(vocab_size=source.config.vocab_size)
+        else:
+            padded = math.ceil(self.data.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+            model_config = model_config.replace(vocab_size=padded)
+        self.model_config = model_config
+        self.model: LoopLM = build_model(model_config, seed=cfg.seed, device=self.dist.device)
+        if source is not None:
+            self.model.load_state_dict(source.model)
+        self.optimizer = build_optimizer(
+            self.model, cfg.lr, weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings
+        )
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.depth_generator = torch.Generator().manual_seed(cfg.seed)
+        self.sampler = BatchSampler(
+            self.data.train, cfg.batch_size * cfg.grad_accum, cfg.seed, self.dist.rank, self.dist.world_size
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        if self.resume and source is not None:
+            self._load_training_state(source)
+        self.wrapped = wrap_model(self.model, self.dist, cfg.strategy)
+        if cfg.compile:
+            for layer in self.model.layers():
+                layer.compile()
+        self.val_batches = fixed_eval_batches(self.data.val, cfg.batch_size, cfg.eval_batches)
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        self.logger = MetricsLogger(
+            self.out_dir / "metrics.jsonl",
+            self.out_dir / "tensorboard" if cfg.tensorboard else None,
+            enabled=self.dist.is_main,
+        )
+
+    def _load_training_state(self, state: TrainingState) -> None:
+        if state.optimizer is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, state.optimizer)
+        if self.ema is not None and state.ema is not None:
+            self.ema.load_state_dict(state.ema)
+        if state.rng is not None:
+            restore_rng(state.rng, {"depth": self.depth_generator})
+        self.sampler.load_state_dict(state.meta["sampler"])
+        self.step = state.step
+        self.tokens_seen = int(state.meta.get("tokens", 0))
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank takes part in gathering)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        path = None
+        if self.dist.is_main:
+            meta = {
+                "tokens": self.tokens_seen,
+                "sampler": self.sampler.state_dict(),
+                "train_config": self.config.to_dict(),
+                "world_size": self.dist.world_size,
+                "data": self.data.stats,
+            }
+            state = TrainingState(
+                step=self.step,
+                model=weights,
+                config=self.model_config,
+                optimizer=optimizer,
+                ema=self.ema.state_dict() if self.ema is not None else None,
+                rng=capture_rng({"depth": self.depth_generator}),
+                tokenizer_json=self.data.tokenizer.to_json(),
+                meta=meta,
+            )
+            path = save_checkpoint(self.out_dir, state, keep_last=self.config.keep_last)
+            self.logger.log("checkpoint", self.step, path=str(path))
+        self.dist.barrier()
+        return path
+
+    # ----- one step -------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[tuple[int, Batch]]:
+        """This rank's micro-batches of the next step, with their global micro-batch index."""
+        cfg = self.config
+        rows = self.sampler.next_batch()
+        for micro in range(cfg.grad_accum):
+            part = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+            batch = Batch(rows.input_ids[part], rows.labels[part], rows.doc_ids[part])
+            yield self.dist.rank * cfg.grad_accum + micro, batch
+
+    def _depth(self) -> int | torch.Tensor:
+        """This step's depth: one int for all ranks, or one per row of the global batch (sliced later)."""
+        rec = self.model_config.recurrence
+        cfg = self.config
+        if rec.per_sequence:
+            return sample_depths(rec, cfg.batch_size * cfg.grad_accum * self.dist.world_size, self.depth_generator)
+        return sample_depth(rec, 1, self.depth_generator)
+
+    def forward_kwargs(self, batch: Batch) -> dict[str, Any]:
+        """Per-batch model arguments beyond the tokens (the document-boundary mask when enabled)."""
+        if not self.config.doc_mask:
+            return {}
+        return {"attention_mask": document_mask(batch.doc_ids, self.model_config.sliding_window).to(self.dist.device)}
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+        if enabled or not self.dist.enabled:
+            yield
+        elif isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            with self.wrapped.no_sync():
+                yield
+        else:  # FSDP2
+            self.wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.wrapped.set_requires_gradient_sync(True)
+
+    def train_step(self, stop: StopRequest) -> tuple[float, float, int | torch.Tensor, bool, bool]:
+        """One optimizer step. Returns (mean loss, grad norm, depth, skipped, stop requested on any rank)."""
+        cfg = self.config
+        device = self.dist.device
+        set_learning_rate(self.optimizer, self._lr(self.step))
+        depth = self._depth()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro, batch in self._micro_batches():
+            steps = depth
+            if isinstance(depth, torch.Tensor):
+                steps = depth[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+            generator = torch.Generator(device=device).manual_seed(micro_seed(cfg.seed, self.step, micro))
+            last = micro % cfg.grad_accum == cfg.grad_accum - 1
+            autocast = torch.autocast(device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None)
+            with self._gradient_sync(last):
+                with autocast:
+                    out = self.wrapped(
+                        batch.input_ids.to(device),
+                        num_steps=steps,
+                        labels=batch.labels.to(device),
+                        backprop_depth=self.model_config.recurrence.backprop_depth,
+                        generator=generator,
+                        checkpoint_steps=cfg.activation_checkpointing,
+                        **self.forward_kwargs(batch),
+                    )
+                (out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach().double().cpu()
+        flags = torch.tensor([float(loss_sum), float(stop.requested)], dtype=torch.float64, device=device)
+        flags = self.dist.all_reduce_sum(flags).cpu()
+        loss = float(flags[0]) / (cfg.grad_accum * self.dist.world_size)
+        stop_requested = bool(flags[1] > 0)
+        grad_norm = math.nan
+        skipped = not math.isfinite(loss)
+        if not skipped:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
+            skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += cfg.batch_size * cfg.grad_accum * self.dist.world_size * cfg.seq_len
+        return loss, grad_norm, depth, skipped, stop_requested
+
+    def _lr(self, step: int) -> float:
+        cfg = self.config
+        return learning_rate(
+            step,
+            base_lr=cfg.lr,
+            total_steps=cfg.steps,
+            warmup_steps=min(cfg.warmup_steps, cfg.steps),
+            schedule=cfg.schedule,
+            min_lr=cfg.min_lr,
+            decay_fraction=cfg.decay_fraction,
+        )
+
+    # ----- evaluation -----------------------------------------------------------------------
+    def evaluate(self) -> list[DepthResult]:
+        """Validation loss, perplexity, last-iteration state change and token correlation per depth."""
+        ema = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
+        with ema:
+            results = evaluate_depths(
+                self.model,
+                self.val_batches,
+                self.config.eval_depths,
+                seed=self.config.seed,
+                forward_kwargs=self.forward_kwargs,
+                autocast_dtype=self.autocast_dtype,
+            )
+        for r in results:
+            self.logger.log(
+                "eval",
+                self.step,
+                depth=r.steps,
+                loss=r.loss,
+                perplexity=r.perplexity,
+                state_change=r.state_change,
+                token_correlation=r.token_correlation,
+                weights="ema" if self.ema is not None else "model",
+            )
+        summary = ", ".join(f"r={r.steps}: {r.perplexity:.2f}" for r in results)
+        self._say(f"step {self.step}: validation perplexity {summary}")
+        return results
+
+    # ----- the loop -------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        try:
+            self._setup()
+            return self._loop()
+        finally:
+            if hasattr(self, "logger"):
+                self.logger.close()
+            shutdown()
+
+    def _loop(self) -> TrainResult:
+        cfg = self.config
+        peak = measure_matmul_peak(self.autocast_dtype or torch.float32, self.dist.device)
+        n_params = self.model.num_parameters()
+        self._say(
+            f"{n_params:,} parameters, vocab {self.model_config.vocab_size}, "
+            f"{self.data.stats['train_tokens']:,} training tokens, {self.dist.world_size} process(es), "
+            f"matmul peak {peak / 1e9:.0f} GFLOP/s; {'resuming at' if self.step else 'starting at'} step {self.step}"
+        )
+        self.logger.log("start", self.step, parameters=n_params, peak_flops=peak, **self.data.stats)
+        self.progress = ProgressBar(cfg.steps, initial=self.step, stream=self.stream, enabled=self.progress_enabled)
+        if not self.dist.is_main:
+            self.progress = ProgressBar(cfg.steps, enabled=False)
+        result = TrainResult(step=self.step, reason="completed", checkpoint=None)
+        self.model.train()
+        started = time.perf_counter()
+        window = {"start": time.perf_counter(), "loss": 0.0, "count": 0, "flops": 0.0, "tokens": 0}
+        bad_in_a_row = 0
+        with StopRequest(self._say) as stop:
+            while self.step < cfg.steps:
+                loss, grad_norm, depth, skipped, stop_requested = self.train_step(stop)
+                steps_run = int(depth.max()) if isinstance(depth, torch.Tensor) else depth
+                result.losses[self.step] = loss
+                tokens = cfg.batch_size * cfg.grad_accum * self.dist.world_size * cfg.seq_len
+                flops = tokens * training_flops_per_token(
+                    self.model_config, steps_run, self.model_config.recurrence.backprop_depth, cfg.seq_len
+                )
+                if skipped:
+                    bad_in_a_row += 1
+                    self.logger.log("skipped", self.step, loss=loss, grad_norm=grad_norm, in_a_row=bad_in_a_row)
+                    self._say(
+                        f"step {self.step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)"
+                    )
+                    if cfg.max_bad_steps and bad_in_a_row >= cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"Training stopped after {bad_in_a_row} consecutive non-finite steps at step {self.step}; "
+                            f"the last good checkpoint in {self.out_dir} is untouched."
+                        )
+                else:
+                    bad_in_a_row = 0
+                    window["loss"] += loss
+                    window["count"] += 1
+                window["flops"] += flops
+                window["tokens"] += tokens
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log_window(window, grad_norm, steps_run, peak)
+                self.progress.update(self.step, {"loss": loss, "depth": steps_run})
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    result.evaluation = self.evaluate()
+                    self.model.train()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    result.checkpoint = self.save()
+                reason = self._stop_reason(stop_requested, started)
+                if reason:
+                    result.reason = reason
+                    break
+        self.progress.close()
+        if result.reason != "interrupted":
+            result.evaluation = self.evaluate()
+        result.checkpoint = self.save()
+        result.step = self.step
+        self._say(f"stopped at step {self.step} ({result.reason}); checkpoint {result.checkpoint or '(rank 0)'}")
+        return result
+
+    def _stop_reason(self, stop_requested: bool, started: float) -> str | None:
+        if stop_requested:
+            return "interrupted"
+        if self.stop_at is not None and self.step >= self.stop_at:
+            return "stop-at"
+        limit = self.config.time_limit_minutes
+        if limit is not None and time.perf_counter() - started >= 60 * limit:
+            return "time-limit"
+        return None
+
+    def _log_window(self, window: dict[str, float], grad_norm: float, depth: int, peak: float) -> None:
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        loss = window["loss"] / window["count"] if window["count"] else math.nan
+        achieved = window["flops"] / elapsed
+        self.logger.log(
+            "train",
+            self.step,
+            loss=loss,
+            lr=self._lr(self.step - 1),
+            grad_norm=grad_norm,
+            depth=depth,
+            tokens=self.tokens_seen,
+            tokens_per_s=window["tokens"] / elapsed,
+            flops_per_s=achieved,
+            mfu=achieved / peak if peak > 0 else math.nan,
+        )
+        window.update(start=time.perf_counter(), loss=0.0, count=0, flops=0.0, tokens=0)

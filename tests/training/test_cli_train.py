@@ -1,0 +1,110 @@
+"""`loopformer train` / `eval-ppl` / `python -m loopformer.train`: flags, run files, errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loopformer.cli import build_parser, main
+from loopformer.cli.train import resolve_configs
+from loopformer.presets import get_preset
+from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
+from loopformer.training.metrics import read_metrics
+from support import write_corpus
+
+TINY = ["--preset", "tiny", "--dim", "32", "--n-heads", "4", "--mlp-hidden", "64", "--mean-steps", "2"]
+FAST = ["--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2", "--eval-depths", "1,2", "--eval-batches", "1"]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LOOPFORMER_CACHE", str(tmp_path / "cache"))
+    return write_corpus(tmp_path / "corpus")
+
+
+def test_help_lists_every_field_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--batch-size", "--lr", "--eval-depths", "--dim", "--injection", "--mean-steps", "--backprop-depth"):
+        assert flag in text
+    assert "default: 8" in text and "default: 1,4,8,16,32" in text and "--no-doc-mask" in text
+
+
+def test_settings_are_layered_preset_then_file_then_flags(tmp_path: Path) -> None:
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(
+        "preset: anima-micro\nlr: 0.002\nbatch_size: 3\nmodel:\n  dim: 96\nrecurrence:\n  mean_steps: 5\n"
+    )
+    args = build_parser().parse_args(["train", "--config", str(run_file), "--batch-size", "4", "--no-qk-norm"])
+    model, train = resolve_configs(args)
+    assert (train.lr, train.batch_size) == (0.002, 4)
+    assert model.dim == 96 and model.recurrence.mean_steps == 5 and model.qk_norm is False
+    micro = get_preset("anima-micro")
+    assert (model.n_heads, model.n_core, model.loop_embedding) == (micro.n_heads, micro.n_core, micro.loop_embedding)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1\n")
+    with pytest.raises(Exception, match="unknown field 'learning_rate'"):
+        resolve_configs(build_parser().parse_args(["train", "--config", str(bad)]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "/does/not/exist"], "does not exist"),
+        (["--lr", "-1"], "lr"),
+        (["--schedule", "linear"], "schedule"),
+        (["--seq-len", "5000", "--max-seq-len", "512"], "max_seq_len"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    args = ["train", "--data", str(corpus), *TINY, *FAST, "--steps", "1", "--out", str(tmp_path / "o"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), *FAST, "--out", str(tmp_path / "o")]) == 2
+    assert "loopformer: error:" in capsys.readouterr().err
+
+
+def test_train_resume_and_eval_ppl(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "run")
+    common = ["--data", str(corpus), *TINY, *FAST, "--eval-every", "0", "--no-progress", "--out", out]
+    assert main(["train", *common, "--steps", "4", "--stop-at", "2"]) == 0
+    assert main(["train", "--out", out, "--resume", "--no-progress"]) == 0  # settings come from the run itself
+    assert load_checkpoint(resolve_checkpoint(Path(out))).step == 4
+    capsys.readouterr()
+    assert main(["eval-ppl", "--ckpt", out, "--depths", "1,2", "--batches", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["steps"] for r in report["results"]] == [1, 2] and report["step"] == 4
+    assert main(["eval-ppl", "--ckpt", str(tmp_path), "--depths", "1"]) == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_0(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "loopformer.train", "--data", str(corpus), *TINY, *FAST]
+    command += ["--steps", "100000", "--eval-every", "0", "--save-every", "0", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and read_metrics(metrics, "train")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    state = load_checkpoint(resolve_checkpoint(out))
+    assert 1 <= state.step < 100000
+    assert "stop requested" in stderr
