@@ -59,10 +59,9 @@ def reference(model: torch.nn.Module, batches: list[Batch], depth: int, seed: in
             nll = -log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
             total += float(nll[keep].sum())
             count += int(keep.sum())
-            if depth > 1:
-                previous = out.states[-2]
-            else:
-                previous = model.init_state(out.state, torch.Generator().manual_seed(seed))
+            e = model.embed(b.input_ids, model.context(b.input_ids))
+            initial = model.init_state(e, torch.Generator().manual_seed(seed))
+            previous = out.states[-2] if depth > 1 else initial
             changes.append(float((out.state - previous).norm() / out.state.norm()))
     return total / count, sum(changes) / len(changes), count
 

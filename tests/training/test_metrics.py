@@ -145,7 +145,9 @@ def test_logger_writes_strict_json_lines(tmp_path: Path) -> None:
     assert len(path.read_text().splitlines()) == 2
     logger.close()
     lines = path.read_text().splitlines()
-    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")) for line in lines]
+    records = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")) for line in lines
+    ]
     first, second = records
     assert first["kind"] == "train" and first["step"] == 1 and first["time"] >= before - 1
     assert first["loss"] == 2.5 and first["depth"] == 4 and first["note"] == "x"
