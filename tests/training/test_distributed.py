@@ -1,4 +1,7 @@
-"""Two CPU processes (gloo, launched by torchrun) train like one process with gradient accumulation."""
+"""Two CPU processes (gloo, launched by torchrun) train like one process with gradient accumulation.
+
+DDP ranks hold identical replicas; under FSDP2 each rank holds a shard, so the script saves the full state dict.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from safetensors.torch import load_file
 from support import write_corpus
 
 SCRIPT = """
-import json, sys, torch
+import json, os, sys, torch
 from safetensors.torch import save_file
 from loopformer.training.config import TrainConfig
 from loopformer.training.trainer import Trainer
@@ -25,9 +28,17 @@ from support import small_config
 torch.set_num_threads(1)
 config = TrainConfig(**json.loads({train!r}))
 trainer = Trainer(small_config(), config, {out!r}, progress=False)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+captured = {{}}
+real_save = trainer.save
+def save_and_capture():
+    captured.update(get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True)))
+    return real_save()
+trainer.save = save_and_capture
 result = trainer.fit()
-rank = trainer.dist.rank
-weights = {{k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}}
+full_weights = captured
+rank = int(os.environ["RANK"])
+weights = {{k: v.detach().contiguous() for k, v in full_weights.items()}}
 save_file(weights, {out!r} + f"/rank{{rank}}.safetensors")
 json.dump({{str(k): v for k, v in result.losses.items()}}, open({out!r} + f"/losses{{rank}}.json", "w"))
 """
@@ -62,16 +73,18 @@ def test_two_ranks_match_one_rank_with_gradient_accumulation(tmp_path: Path) -> 
         "save_every": 0,
         "log_every": 1,
     }
-    pair = launch(tmp_path, "pair", 2, {**train, "grad_accum": 1})
     single = launch(tmp_path, "single", 1, {**train, "grad_accum": 2})
-    rank0, rank1 = load_file(pair / "rank0.safetensors"), load_file(pair / "rank1.safetensors")
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), f"{name} diverged between ranks"
     alone = load_file(single / "rank0.safetensors")
-    for name in rank0:
-        torch.testing.assert_close(rank0[name], alone[name], rtol=1e-4, atol=1e-5)
-    losses_pair = json.loads((pair / "losses0.json").read_text())
     losses_single = json.loads((single / "losses0.json").read_text())
-    assert losses_pair.keys() == losses_single.keys() == {"1", "2", "3", "4"}
-    for step, loss in losses_single.items():
-        assert losses_pair[step] == pytest.approx(loss, rel=1e-5)
+    assert losses_single.keys() == {"1", "2", "3", "4"}
+    for strategy in ("ddp", "fsdp"):
+        pair = launch(tmp_path, strategy, 2, {**train, "grad_accum": 1, "strategy": strategy})
+        rank0, rank1 = load_file(pair / "rank0.safetensors"), load_file(pair / "rank1.safetensors")
+        for name in rank0:
+            if strategy == "ddp":
+                assert torch.equal(rank0[name], rank1[name]), f"{name} diverged between ranks"
+            torch.testing.assert_close(rank0[name], alone[name], rtol=1e-4, atol=1e-5)
+        losses_pair = json.loads((pair / "losses0.json").read_text())
+        assert losses_pair.keys() == losses_single.keys()
+        for step, loss in losses_single.items():
+            assert losses_pair[step] == pytest.approx(loss, rel=1e-5), (strategy, step)

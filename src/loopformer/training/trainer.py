@@ -152,6 +152,8 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.config
         self.dist = init_distributed(cfg.resolved_device())
+        if self.dist.enabled and cfg.strategy == "fsdp" and cfg.ema_decay > 0:
+            raise InputError("ema_decay > 0 is not supported with strategy fsdp yet; use strategy ddp for EMA.")
         if self.model_config.max_seq_len < cfg.seq_len:
             limit = self.model_config.max_seq_len
             raise InputError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len ({limit}); raise --max-seq-len.")
@@ -168,6 +170,10 @@ class Trainer:
         self.model: LoopLM = build_model(model_config, seed=cfg.seed, device=self.dist.device)
         if source is not None:
             self.model.load_state_dict(source.model)
+        self.wrapped = wrap_model(self.model, self.dist, cfg.strategy)  # before the optimizer: FSDP swaps params
+        if cfg.compile:
+            for layer in self.model.layers():
+                layer.compile()
         self.optimizer = build_optimizer(
             self.model, cfg.lr, weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings
         )
@@ -180,10 +186,6 @@ class Trainer:
         self.tokens_seen = 0
         if self.resume and source is not None:
             self._load_training_state(source)
-        self.wrapped = wrap_model(self.model, self.dist, cfg.strategy)
-        if cfg.compile:
-            for layer in self.model.layers():
-                layer.compile()
         self.val_batches = fixed_eval_batches(self.data.val, cfg.batch_size, cfg.eval_batches)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
         self.logger = MetricsLogger(
@@ -194,7 +196,9 @@ class Trainer:
 
     def _load_training_state(self, state: TrainingState) -> None:
         if state.optimizer is not None:
-            set_optimizer_state_dict(self.model, self.optimizer, state.optimizer)
+            sharded = self.dist.enabled and self.config.strategy == "fsdp"
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True) if sharded else None
+            set_optimizer_state_dict(self.model, self.optimizer, state.optimizer, options=options)
         if self.ema is not None and state.ema is not None:
             self.ema.load_state_dict(state.ema)
         if state.rng is not None:
