@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from loopformer.training.checkpoint import (
 )
 from loopformer.training.optim import EMA, build_optimizer
 from support import small_config
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 CONFIG = small_config(injection="lti", qk_bias=True)
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))

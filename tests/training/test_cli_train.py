@@ -108,3 +108,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(corpus: Path, tmp_path: Path) -> 
     state = load_checkpoint(resolve_checkpoint(out))
     assert 1 <= state.step < 100000
     assert "stop requested" in stderr
+
+
+def test_documented_run_file_loads() -> None:
+    run_file = Path(__file__).resolve().parents[2] / "docs" / "examples" / "run.yaml"
+    model, train = resolve_configs(build_parser().parse_args(["train", "--config", str(run_file), "--steps", "300"]))
+    assert model.sliding_window == 128 and model.recurrence.mean_steps == 8 and model.dim == 192
+    assert (train.steps, train.schedule, train.eval_depths) == (300, "wsd", (1, 2, 4, 8, 16, 32))

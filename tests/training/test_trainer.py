@@ -155,3 +155,11 @@ def test_fine_tuning_starts_from_a_checkpoint_with_prompt_masking(corpus: Path, 
     state = load_checkpoint(resolve_checkpoint(tmp_path / "tuned"))
     moved = max(float((state.model[k] - base_weights[k]).abs().max()) for k in base_weights)
     assert 0 < moved < 1e-2  # started from the base weights, nudged by a small lr
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager(corpus: Path, tmp_path: Path) -> None:
+    eager = run(corpus, tmp_path / "eager", train={"steps": 3, "eval_every": 0}).result
+    compiled = run(corpus, tmp_path / "compiled", train={"steps": 3, "eval_every": 0, "compile": True}).result
+    for step, loss in eager.losses.items():
+        assert compiled.losses[step] == pytest.approx(loss, rel=1e-4)
