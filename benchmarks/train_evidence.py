@@ -13,7 +13,7 @@ What one run does:
 3. Validation perplexity of both on the same validation rows (the looped model at every depth of ``--depths``).
 4. ``anima-micro`` training throughput in fp32 and bf16 autocast, read from the trainer's own metrics log.
 
-Outputs: a JSON file, a PNG plot and a markdown table on stdout.
+Outputs: a JSON file, a PNG plot and a markdown table on stdout (``--render JSON`` redraws them from a saved report).
 
     python benchmarks/train_evidence.py --minutes 10 --json benchmarks/results/train_evidence.json \\
         --plot docs/img/train_evidence.png
@@ -50,6 +50,7 @@ def looped_config(args: argparse.Namespace) -> ModelConfig:
         n_core=2,
         n_coda=1,
         max_seq_len=args.seq_len,
+        sliding_window=args.window,
         recurrence=RecurrenceConfig(mean_steps=args.mean_steps, backprop_depth=args.backprop_depth),
     )
 
@@ -139,7 +140,7 @@ def throughput(dtype: str, args: argparse.Namespace, root: Path) -> dict[str, An
     }
 
 
-def plot(path: Path, looped: dict[int, float], baseline: float, mean_steps: int) -> None:
+def plot(path: Path, looped: dict[int, float], baseline: float, mean_steps: int, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +159,7 @@ def plot(path: Path, looped: dict[int, float], baseline: float, mean_steps: int)
     ax.set_ylim(0, max([*values, baseline]) * 1.15)
     ax.set_xlabel("core iterations at evaluation (test-time depth)")
     ax.set_ylabel("validation perplexity")
-    ax.set_title("Validation perplexity vs depth (stdlib corpus, equal training time)", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--mean-steps", type=int, default=6)
     parser.add_argument("--backprop-depth", type=int, default=3)
+    parser.add_argument("--window", type=int, help="sliding attention window (default: full causal attention)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -184,7 +186,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--keep", type=Path, help="keep the runs in this folder (default: a temp folder)")
+    parser.add_argument("--render", type=Path, help="only print the tables and draw the plot of a saved JSON report")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+    else:
+        report = measure(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+    show(report, args.plot)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     depths = [int(d) for d in args.depths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
@@ -193,7 +207,7 @@ def main() -> None:
         baseline_trainer, baseline = train("baseline", param_matched(looped_config(args)), args, root)
         baseline["perplexity"] = perplexities(baseline_trainer, [1])
         speed = [throughput(d, args, root) for d in ("fp32", "bf16")] if args.throughput_steps else []
-    report = {
+    return {
         "loopformer": loopformer.__version__,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
@@ -203,23 +217,29 @@ def main() -> None:
         "baseline": baseline,
         "throughput": speed,
     }
-    base_ppl = baseline["perplexity"][1]
-    rows = [[d, looped["perplexity"][d], round(looped["perplexity"][d] / base_ppl, 3)] for d in depths]
-    print(format_table(["depth", "looped ppl", "vs baseline"], rows))
+
+
+def show(report: dict[str, Any], plot_path: Path | None) -> None:
+    """Print the markdown tables of a report (fresh or loaded from JSON) and optionally draw its plot."""
+    looped, baseline, args = report["looped"], report["baseline"], report["args"]
+    ppl = {int(d): v for d, v in looped["perplexity"].items()}
+    base_ppl = next(iter(baseline["perplexity"].values()))
+    rows = [[d, ppl[d], round(ppl[d] / ppl[1], 3), round(ppl[d] / base_ppl, 3)] for d in sorted(ppl)]
+    print(format_table(["depth", "looped ppl", "vs depth 1", "vs baseline"], rows))
     print(f"\nparam-matched baseline (1 pass): ppl {base_ppl}")
     for name, run in (("looped", looped), ("baseline", baseline)):
         print(
             f"{name}: {run['parameters']:,} params, {run['steps']} steps, {run['tokens']:,} tokens, "
             f"{run['tokens_per_s']} tok/s, MFU {run['mfu']:.1%}"
         )
-    for row in speed:
+    for row in report["throughput"]:
         peak = row["peak_gflops"]
         print(f"anima-micro {row['dtype']}: {row['tokens_per_s']} tok/s, MFU {row['mfu']:.1%} of {peak} GFLOP/s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        plot(args.plot, looped["perplexity"], base_ppl, args.mean_steps)
+    if plot_path:
+        window = args.get("window")
+        attention = f"attention window {window}" if window else "full attention"
+        title = f"Validation perplexity vs depth (stdlib corpus, {attention}, equal training time)"
+        plot(plot_path, ppl, base_ppl, args["mean_steps"], title)
 
 
 if __name__ == "__main__":

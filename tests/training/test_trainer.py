@@ -76,7 +76,8 @@ def test_resume_continues_bit_exactly(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_metrics_log_and_evaluation(corpus: Path, tmp_path: Path) -> None:
-    trainer = run(corpus, tmp_path / "run", train={"steps": 6, "eval_every": 3})
+    trainer = run(corpus, tmp_path / "run", train={"steps": 6, "eval_every": 3, "tensorboard": True})
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     train = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
     assert [r["step"] for r in train] == list(range(1, 7))
     for record in train:
