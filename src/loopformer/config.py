@@ -275,15 +275,20 @@ def check_known_fields(cls: type, data: dict[str, Any]) -> None:
         raise ConfigError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
 
 
+def read_text_file(path: Path, what: str, error: type[Exception]) -> str:
+    """The UTF-8 text of ``path``, or ``error`` with one sentence naming ``what`` is missing or unreadable."""
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text ({exc}).") from None
+
+
 def read_config_file(path: str | os.PathLike[str]) -> Any:
     """Parse a JSON or YAML file (safe loaders only) into plain data; one-sentence errors."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Config file {str(path)!r} cannot be read as UTF-8 text ({exc}).") from None
+    text = read_text_file(path, "Config file", ConfigError)
     if path.suffix in (".yaml", ".yml"):
         try:
             return yaml.safe_load(text)

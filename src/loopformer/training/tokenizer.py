@@ -20,7 +20,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from loopformer.config import atomic_write_text
+from loopformer.config import atomic_write_text, read_text_file
 from loopformer.errors import ConfigError, InputError
 
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -120,13 +120,7 @@ class TextTokenizer:
     def load(cls, path: str | Path) -> TextTokenizer:
         """Read a ``tokenizer.json`` (plain JSON; nothing is unpickled)."""
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"tokenizer file {path} does not exist.")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read tokenizer file {path} ({exc}).") from exc
-        return cls.from_json(text, source=str(path))
+        return cls.from_json(read_text_file(path, "Tokenizer file", InputError), source=str(path))
 
     @classmethod
     def from_json(cls, text: str, source: str = "the text") -> TextTokenizer:
