@@ -281,8 +281,10 @@ def read_text_file(path: Path, what: str, error: type[Exception]) -> str:
         raise error(f"{what} {str(path)!r} does not exist.")
     try:
         return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text ({exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text (not UTF-8 at byte {exc.start}).") from None
+    except OSError as exc:
+        raise error(f"{what} {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
 
 
 def read_config_file(path: str | os.PathLike[str]) -> Any:

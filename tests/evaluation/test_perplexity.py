@@ -116,7 +116,7 @@ def test_mode_restored_and_seed_matters() -> None:
     assert other_seed[0].loss != first[0].loss
 
 
-def test_forward_kwargs_and_attention_mask_fn() -> None:
+def test_forward_kwargs_reach_the_forward_call_and_the_decoded_depths() -> None:
     config = small_config()
     model = build_model(config, seed=0)
     batches = make_batches(config.vocab_size, count=1)
@@ -127,7 +127,7 @@ def test_forward_kwargs_and_attention_mask_fn() -> None:
     for a, b in zip(plain, same, strict=True):
         assert a.loss == pytest.approx(b.loss, abs=1e-6)
     diagonal = torch.eye(t, dtype=torch.bool)[None, None]  # every token sees only itself
-    isolated = evaluate_depths(model, batches, [1, 3], attention_mask_fn=lambda b: diagonal)
+    isolated = evaluate_depths(model, batches, [1, 3], forward_kwargs=lambda b: {"attention_mask": diagonal})
     assert isolated[1].loss != pytest.approx(plain[1].loss, abs=1e-4)
     # the decoded depth (1) uses the same mask as the forward call (3): compare with a direct call
     with torch.no_grad():

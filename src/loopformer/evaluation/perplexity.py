@@ -100,7 +100,6 @@ def evaluate_depths(
     depths: Sequence[int],
     *,
     seed: int = 0,
-    attention_mask_fn: Callable[[Any], torch.Tensor | None] | None = None,
     forward_kwargs: Callable[[Any], dict[str, Any]] | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[DepthResult]:
@@ -108,11 +107,11 @@ def evaluate_depths(
 
     ``batches``: objects with ``input_ids`` and ``labels`` ([B, T], labels aligned with the inputs, -100 =
     not scored; the model's shift applies: ``labels[:, 1:]`` are the targets of ``logits[:, :-1]``).
-    Every depth starts from the same initial state (``seed``). ``attention_mask_fn(batch)`` may return an
-    ``attention_mask`` for the forward call; ``forward_kwargs(batch)`` returns further keyword arguments
-    (both merged into the call). ``autocast_dtype`` runs the model under ``torch.autocast``; the loss is
-    always computed in fp32. Returns one result per entry of ``depths``, in that order. The model is put in
-    eval mode and its previous mode restored.
+    Every depth starts from the same initial state (``seed``). ``forward_kwargs(batch)`` returns further
+    keyword arguments of the forward call (e.g. an ``attention_mask``, already on the model's device).
+    ``autocast_dtype`` runs the model under ``torch.autocast``; the loss is always computed in fp32.
+    Returns one result per entry of ``depths``, in that order. The model is put in eval mode and its
+    previous mode restored.
     """
     depths = _check_depths(depths)
     deepest = max(depths)
@@ -129,13 +128,7 @@ def evaluate_depths(
             seen_batch = True
             ids = batch.input_ids.to(device)
             targets = batch.labels.to(device)[:, 1:]
-            kwargs: dict[str, Any] = {}
-            if attention_mask_fn is not None:
-                mask = attention_mask_fn(batch)
-                if mask is not None:
-                    kwargs["attention_mask"] = mask.to(device)
-            if forward_kwargs is not None:
-                kwargs.update(forward_kwargs(batch))
+            kwargs = forward_kwargs(batch) if forward_kwargs is not None else {}
             scored = targets != IGNORE_INDEX
             tokens += int(scored.sum())
             autocast = (

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopformer.config import atomic_write_text
+from loopformer.config import atomic_write_text, read_text_file
 from loopformer.errors import ConfigError, InputError
 from loopformer.training.tokenizer import TextTokenizer
 
@@ -78,12 +78,7 @@ def stdlib_documents(include_topics: bool = False) -> list[Document]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"corpus file {path} is not UTF-8 text (byte {exc.start}).") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read corpus file {path} ({exc.strerror or exc}).") from exc
+    return read_text_file(path, "Corpus file", InputError)
 
 
 def _jsonl_documents(path: Path) -> list[Document]:
