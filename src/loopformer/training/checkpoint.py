@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from loopformer.config import ModelConfig, atomic_write_text
+from loopformer.config import ModelConfig, atomic_write_text, read_text_file
 from loopformer.errors import ConfigError, InputError
 
 FORMAT_VERSION = 1
@@ -124,10 +124,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"Checkpoint file {str(path)!r} is missing or unreadable ({_short(exc)}).") from None
+    return read_text_file(path, "Checkpoint file", InputError)
 
 
 def _read_json(path: Path) -> Any:
