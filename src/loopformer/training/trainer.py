@@ -119,6 +119,7 @@ class Trainer:
         self.stop_at = stop_at
         self.stream = stream if stream is not None else sys.stderr
         self.progress_enabled = progress
+        self.progress: ProgressBar | None = None  # exists while the loop runs
 
     # ----- setup --------------------------------------------------------------------------
     def _restore_source(self) -> TrainingState | None:
@@ -144,7 +145,7 @@ class Trainer:
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:
-            if getattr(self, "progress", None) is not None:
+            if self.progress is not None:
                 self.progress.write(line)
             else:
                 print(line, file=self.stream, flush=True)
@@ -381,9 +382,8 @@ class Trainer:
             f"matmul peak {peak / 1e9:.0f} GFLOP/s; {'resuming at' if self.step else 'starting at'} step {self.step}"
         )
         self.logger.log("start", self.step, parameters=n_params, peak_flops=peak, **self.data.stats)
-        self.progress = ProgressBar(cfg.steps, initial=self.step, stream=self.stream, enabled=self.progress_enabled)
-        if not self.dist.is_main:
-            self.progress = ProgressBar(cfg.steps, enabled=False)
+        enabled = self.progress_enabled if self.dist.is_main else False
+        self.progress = ProgressBar(cfg.steps, initial=self.step, stream=self.stream, enabled=enabled)
         result = TrainResult(step=self.step, reason="completed", checkpoint=None)
         self.model.train()
         started = time.perf_counter()
