@@ -115,3 +115,8 @@ def test_documented_run_file_loads() -> None:
     model, train = resolve_configs(build_parser().parse_args(["train", "--config", str(run_file), "--steps", "300"]))
     assert model.sliding_window == 128 and model.recurrence.mean_steps == 8 and model.dim == 192
     assert (train.steps, train.schedule, train.eval_depths) == (300, "wsd", (1, 2, 4, 8, 16, 32))
+
+
+def test_eval_ppl_names_its_own_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["eval-ppl", "--ckpt", str(tmp_path), "--depths", "0"]) == 2
+    assert "--depths '0' is invalid" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from loopformer.training.tokenizer import TextTokenizer
 
 
 def run(args: argparse.Namespace) -> int:
-    depths = parse_steps(args.depths)
+    depths = parse_steps(args.depths, "--depths")
     path = resolve_checkpoint(Path(args.ckpt))
     state = load_checkpoint(path, load_optimizer=False)
     saved = dict(state.meta.get("train_config", {}))

@@ -73,7 +73,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 )
             else:
                 kind = optional_value(parse) if optional else parse
-                group.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=helptext)
+                group.add_argument(
+                    flag, dest=dest, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=helptext
+                )
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
