@@ -36,6 +36,7 @@ from loopformer.baselines import param_matched
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.presets import get_preset
+from loopformer.recurrence import sample_depths
 from loopformer.table import format_table
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics
@@ -219,6 +220,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def depth_draws(mean_steps: int, backprop_depth: int) -> tuple[float, float, float]:
+    """Mean, median and 95th percentile of the looped model's training-depth sampler."""
+    config = RecurrenceConfig(mean_steps=mean_steps, backprop_depth=backprop_depth)
+    draws = sample_depths(config, 200_000, torch.Generator().manual_seed(0)).double()
+    return float(draws.mean()), float(draws.median()), float(draws.quantile(0.95))
+
+
 def show(report: dict[str, Any], plot_path: Path | None) -> None:
     """Print the markdown tables of a report (fresh or loaded from JSON) and optionally draw its plot."""
     looped, baseline, args = report["looped"], report["baseline"], report["args"]
@@ -227,6 +235,10 @@ def show(report: dict[str, Any], plot_path: Path | None) -> None:
     rows = [[d, ppl[d], round(ppl[d] / ppl[1], 3), round(ppl[d] / base_ppl, 3)] for d in sorted(ppl)]
     print(format_table(["depth", "looped ppl", "vs depth 1", "vs baseline"], rows))
     print(f"\nparam-matched baseline (1 pass): ppl {base_ppl}")
+    draws = depth_draws(args["mean_steps"], args["backprop_depth"])
+    print(
+        f"training depth draws (200,000, seed 0): mean {draws[0]:.2f}, median {draws[1]:.0f}, 95th pct {draws[2]:.0f}"
+    )
     for name, run in (("looped", looped), ("baseline", baseline)):
         print(
             f"{name}: {run['parameters']:,} params, {run['steps']} steps, {run['tokens']:,} tokens, "
