@@ -12,6 +12,7 @@ Training (depth sampling, truncated backprop), inference and analysis reuse thes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from loopformer.nn.norm import RMSNorm
 from loopformer.recurrence import sample_depth
 
 Steps = int | torch.Tensor
+StateVisitor = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -186,6 +188,7 @@ class LoopLM(nn.Module):
         backprop_depth: int | None = None,
         return_states: bool = False,
         checkpoint_steps: bool = False,
+        on_state: StateVisitor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Run the core ``steps`` times (an int, or a [B] tensor of per-row depths).
 
@@ -193,6 +196,8 @@ class LoopLM(nn.Module):
         run under ``no_grad`` (or are detached per row when rows differ in depth). A row whose depth
         is reached keeps its state while the others continue. ``checkpoint_steps`` recomputes each
         gradient-carrying iteration in the backward pass instead of storing its activations.
+        ``on_state(i, state)`` is called after iteration i (1-based), e.g. to decode intermediate depths
+        without keeping every state.
         """
         per_row = isinstance(steps, torch.Tensor)
         total = int(steps.max()) if per_row else int(steps)
@@ -218,6 +223,8 @@ class LoopLM(nn.Module):
                     state = new
             if states is not None:
                 states.append(state)
+            if on_state is not None:
+                on_state(index + 1, state)
         return state, states
 
     def forward(
@@ -233,6 +240,7 @@ class LoopLM(nn.Module):
         return_states: bool = False,
         attention_mask: torch.Tensor | None = None,
         checkpoint_steps: bool = False,
+        on_state: StateVisitor | None = None,
     ) -> LoopOutput:
         """Logits (and loss if ``labels``) for ``input_ids`` [B, T].
 
@@ -240,7 +248,7 @@ class LoopLM(nn.Module):
         from the configured sampler (with ``depth_generator``) and eval mode uses ``mean_steps``.
         ``backprop_depth``: iterations with gradient; in training mode it defaults to the config's.
         ``generator`` / ``seed``: the random initial state's source.
-        ``attention_mask``: see :meth:`context`; ``checkpoint_steps``: see :meth:`recur`.
+        ``attention_mask``: see :meth:`context`; ``checkpoint_steps`` and ``on_state``: see :meth:`recur`.
         """
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}.")
@@ -252,7 +260,7 @@ class LoopLM(nn.Module):
         ctx = self.context(input_ids, attention_mask=attention_mask)
         e = self.embed(input_ids, ctx)
         state = self.init_state(e, generator)
-        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps)
+        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, on_state)
         logits = self.decode(state, ctx)
         loss = lm_loss(logits, labels) if labels is not None else None
         return LoopOutput(logits=logits, loss=loss, state=state, steps=steps, states=states)

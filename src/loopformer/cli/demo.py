@@ -1,94 +1,66 @@
-"""``loopformer demo``: a short end-to-end job on embedded data.
+"""``loopformer demo``: the depth-extrapolation experiment (train easy, test hard with more loops).
 
-Builds a preset, encodes a slice of the interpreter's own standard library as bytes, and runs the same
-batch at several depths, printing time, throughput, loss and how much the last iteration still moved
-the latent state. Weights are freshly initialised (training is a separate command).
+Trains a looped model and its param-matched and compute-matched fixed-depth baselines on a generated reasoning
+task within a wall-clock budget, prints exact-match accuracy per test difficulty and loop count, checks that
+1024 loops keep the answer, and writes the numbers (JSON) and a plot (PNG). See docs/tasks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
+import sys
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from loopformer.config import ModelConfig
+from loopformer.cli.arguments import parse_steps
+from loopformer.config import atomic_write_text
 from loopformer.errors import InputError
-from loopformer.model import build_model
-from loopformer.presets import get_preset
-from loopformer.table import format_table
-
-STDLIB_SAMPLE = Path(argparse.__file__)
-
-
-def parse_steps(text: str, flag: str = "--steps") -> list[int]:
-    """Parse ``"1,2,4"`` into [1, 2, 4]; every entry must be an integer >= 1 (errors name ``flag``)."""
-    try:
-        steps = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InputError(f"{flag} {text!r} is invalid: expected comma-separated integers such as 1,2,4.") from None
-    if not steps or min(steps) < 1:
-        raise InputError(f"{flag} {text!r} is invalid: every depth must be >= 1.")
-    return steps
-
-
-def sample_batch(batch: int, seq_len: int, vocab_size: int) -> torch.Tensor:
-    """Consecutive byte windows of a standard-library source file, shape [batch, seq_len]."""
-    if vocab_size < 256:
-        raise InputError(f"The demo encodes bytes and needs vocab_size >= 256, got {vocab_size}.")
-    data = torch.frombuffer(bytearray(STDLIB_SAMPLE.read_bytes()), dtype=torch.uint8).long()
-    need = batch * seq_len
-    if data.numel() < need:
-        raise InputError(f"batch x seq-len = {need} bytes exceeds the sample file ({data.numel()} bytes).")
-    return data[:need].view(batch, seq_len)
+from loopformer.tasks.extrapolation import RECIPES, format_report, get_recipe, plot_report, run_demo
 
 
 def run(args: argparse.Namespace) -> int:
-    steps_list = parse_steps(args.steps)
-    config = ModelConfig.load(args.config) if args.config else get_preset(args.preset)
-    name = args.config or args.preset
-    if args.seq_len < 2 or args.batch < 1:
-        raise InputError("--seq-len must be >= 2 and --batch >= 1.")
-    torch.manual_seed(args.seed)
-    model = build_model(config, seed=args.seed).eval()
-    ids = sample_batch(args.batch, args.seq_len, config.vocab_size)
-    print(
-        f"{name}: {model.num_parameters():,} parameters, layers "
-        f"{config.n_prelude}/{config.n_core}/{config.n_coda}, {config.injection} injection, untrained weights"
+    recipe = get_recipe(args.task)
+    if args.loops:
+        recipe = replace(recipe, loops=tuple(sorted(set(parse_steps(args.loops, "--loops")))))
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise InputError(f"--out {args.out} is not empty; choose a new directory for the demo's runs.")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = run_demo(
+        recipe,
+        args.budget_minutes,
+        args.out,
+        eval_count=args.eval_count,
+        seed=args.seed,
+        say=say,
+        progress=False if args.no_progress else None,
     )
-    print(f"input: {args.batch} x {args.seq_len} bytes of {STDLIB_SAMPLE}\n")
-    rows = []
-    for steps in steps_list:
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model(ids, num_steps=steps, labels=ids, seed=args.seed, return_states=True)
-        elapsed = time.perf_counter() - start
-        prev = out.states[-2] if steps > 1 else model.init_state(out.state, torch.Generator().manual_seed(args.seed))
-        moved = float((out.state - prev).norm() / out.state.norm().clamp_min(1e-12))
-        rows.append(
-            [
-                steps,
-                config.effective_depth(steps),
-                round(elapsed * 1000, 1),
-                round(ids.numel() / elapsed),
-                round(float(out.loss), 4),
-                f"{moved:.2e}",
-            ]
-        )
-    headers = ["steps", "eff. depth", "ms", "tokens/s", "loss", "last-step change"]
-    print(format_table(headers, rows))
-    print("\nlast-step change = ||s_r - s_(r-1)|| / ||s_r||: how far the final iteration still moved the state.")
+    out = Path(report.out_dir)
+    json_path = Path(args.json) if args.json else out / "results.json"
+    plot_path = Path(args.plot) if args.plot else out / "accuracy.png"
+    atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    plot_report(report, plot_path)
+    print(format_report(report))
+    print(f"results: {json_path}\nplot: {plot_path}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run a preset at several depths on embedded data")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="tiny", help="preset name (see `loopformer presets`)")
-    source.add_argument("--config", help="a model config file (JSON or YAML), e.g. from `loopformer presets --show`")
-    parser.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated core iteration counts")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser = subparsers.add_parser(
+        "demo", help="train looped vs fixed-depth models on a reasoning task and test depth extrapolation"
+    )
+    parser.add_argument("--task", default="prefix-parity", choices=list(RECIPES), help="(default: prefix-parity)")
+    parser.add_argument(
+        "--budget-minutes", type=float, default=10.0, help="wall-clock budget for training and evaluation (default: 10)"
+    )
+    parser.add_argument("--out", metavar="DIR", help="where the three runs go (default: a new temporary directory)")
+    parser.add_argument("--json", metavar="FILE", help="results JSON (default: DIR/results.json)")
+    parser.add_argument("--plot", metavar="FILE", help="accuracy-vs-loops PNG (default: DIR/accuracy.png)")
+    parser.add_argument("--loops", help="comma-separated test loop counts (default: 1,2,4,...,128)")
+    parser.add_argument("--eval-count", type=int, default=256, help="test examples per difficulty (default: 256)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)

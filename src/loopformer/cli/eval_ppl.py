@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from loopformer.cli.demo import parse_steps
+from loopformer.cli.arguments import parse_steps
 from loopformer.errors import InputError
 from loopformer.evaluation.perplexity import evaluate_depths, format_depth_table
-from loopformer.model import build_model
-from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
+from loopformer.training.checkpoint import load_trained_model
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import document_mask, fixed_eval_batches
 from loopformer.training.pipeline import prepare_data
@@ -21,8 +20,7 @@ from loopformer.training.tokenizer import TextTokenizer
 
 def run(args: argparse.Namespace) -> int:
     depths = parse_steps(args.depths, "--depths")
-    path = resolve_checkpoint(Path(args.ckpt))
-    state = load_checkpoint(path, load_optimizer=False)
+    model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     saved = dict(state.meta.get("train_config", {}))
     changes = {"data": args.data} if args.data else {}
     if args.data:
@@ -34,9 +32,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"Checkpoint {path} has no tokenizer.json, so its data cannot be tokenised.")
     tokenizer = TextTokenizer.from_json(state.tokenizer_json)
     data = prepare_data(config, tokenizer, log=lambda line: None)
-    model = build_model(state.config)
-    weights = state.ema if args.ema and state.ema is not None else state.model
-    model.load_state_dict(weights)
     batches = fixed_eval_batches(data.val, args.batch_size, args.batches)
     mask = (
         (lambda b: {"attention_mask": document_mask(b.doc_ids, state.config.sliding_window)})

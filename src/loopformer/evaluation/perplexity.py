@@ -1,9 +1,10 @@
 """Validation loss, perplexity and latent-state diagnostics of a looped model at several depths.
 
 Depth r's latent state is the r-th state of any deeper run from the same initial state, so each batch is
-run once at the deepest requested depth (keeping every iteration's state) and the shallower depths are
-decoded from the intermediate states. This gives exactly the result of separate forward calls at a
-fraction of the cost: evaluating r = 1..32 costs one 32-iteration pass plus 32 decodes per batch.
+run once at the deepest requested depth and the shallower depths are decoded from the intermediate states
+as the loop passes them (only the current and previous state are kept). This gives exactly the result of
+separate forward calls at a fraction of the cost: evaluating r = 1..32 costs one 32-iteration pass plus 32
+decodes per batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class DepthResult:
     ``state_change``: mean over batches of ``||s_r - s_(r-1)|| / ||s_r||`` (how far the last iteration still
     moved the state; s_0 is the initial state). ``token_correlation``: mean over sequences of the mean cosine
     similarity between the final states of two different positions (1 = every token collapsed to one vector).
-    ``tokens``: the number of scored (next-token) targets.
+    ``tokens``: the number of scored (next-token) targets. ``exact_match``: the fraction of sequences (with at
+    least one scored target) whose every scored target is the argmax prediction, i.e. the accuracy of a
+    reasoning task whose answer is the labelled tokens. ``state_rms``: root mean square of the final state.
     """
 
     steps: int
@@ -39,6 +42,8 @@ class DepthResult:
     state_change: float
     token_correlation: float
     tokens: int
+    exact_match: float = math.nan
+    state_rms: float = math.nan
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
@@ -80,6 +85,26 @@ class _Accumulator:
     batches: int = 0
     correlation_sum: float = 0.0
     sequences: int = 0
+    exact_sum: int = 0
+    scored_rows: int = 0
+    square_sum: float = 0.0
+    elements: int = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, state: torch.Tensor, previous: torch.Tensor) -> None:
+        """Account one batch decoded at this depth."""
+        self.loss_sum += _summed_cross_entropy(logits, targets)
+        scored = targets != IGNORE_INDEX
+        correct = (logits[:, :-1].argmax(-1) == targets) | ~scored
+        has_target = scored.any(dim=1)
+        self.exact_sum += int((correct.all(dim=1) & has_target).sum())
+        self.scored_rows += int(has_target.sum())
+        self.change_sum += relative_change(state, previous)
+        self.batches += 1
+        correlation, sequences = _correlation_sums(state)
+        self.correlation_sum += correlation
+        self.sequences += sequences
+        self.square_sum += float(state.double().pow(2).sum())
+        self.elements += state.numel()
 
 
 def _check_depths(depths: Sequence[int]) -> list[int]:
@@ -129,36 +154,14 @@ def evaluate_depths(
             ids = batch.input_ids.to(device)
             targets = batch.labels.to(device)[:, 1:]
             kwargs = forward_kwargs(batch) if forward_kwargs is not None else {}
-            scored = targets != IGNORE_INDEX
-            tokens += int(scored.sum())
+            tokens += int((targets != IGNORE_INDEX).sum())
             autocast = (
                 torch.autocast(device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None
                 else contextlib.nullcontext()
             )
             with autocast:
-                out = model(ids, num_steps=deepest, seed=seed, return_states=deepest > 1, **kwargs)
-                states = out.states if out.states is not None else [out.state]
-                ctx = model.context(ids, attention_mask=kwargs.get("attention_mask")) if len(wanted) > 1 else None
-                for depth in sorted(wanted):
-                    state = states[depth - 1]
-                    logits = out.logits if depth == deepest else model.decode(state, ctx)
-                    acc = sums[depth]
-                    acc.loss_sum += _summed_cross_entropy(logits, targets)
-                    if depth > 1:
-                        previous = states[depth - 2]
-                    else:
-                        # forward() draws the initial state from a generator seeded like this one; only the
-                        # shape and device of its argument matter, so the final state stands in for e.
-                        generator = torch.Generator(device=ids.device).manual_seed(seed)
-                        previous = model.init_state(out.state, generator)
-                    acc.change_sum += relative_change(state, previous)
-                    acc.batches += 1
-                    correlation, sequences = _correlation_sums(state)
-                    acc.correlation_sum += correlation
-                    acc.sequences += sequences
-                    del logits
-            del out, states
+                _run_batch(model, ids, targets, kwargs, seed, deepest, sums)
     finally:
         model.train(was_training)
     if not seen_batch:
@@ -177,9 +180,36 @@ def evaluate_depths(
                 state_change=acc.change_sum / acc.batches,
                 token_correlation=acc.correlation_sum / acc.sequences if acc.sequences else math.nan,
                 tokens=tokens,
+                exact_match=acc.exact_sum / acc.scored_rows if acc.scored_rows else math.nan,
+                state_rms=math.sqrt(acc.square_sum / acc.elements),
             )
         )
     return results
+
+
+def _run_batch(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    seed: int,
+    deepest: int,
+    sums: dict[int, _Accumulator],
+) -> None:
+    """One pass of ``deepest`` iterations, decoding and scoring the states of the wanted depths."""
+    ctx = model.context(ids, attention_mask=kwargs.get("attention_mask"))
+    # forward() draws the initial state from a generator seeded like this one; only the shape and device of
+    # init_state's argument matter, so a zero tensor of the state's shape stands in for e.
+    generator = torch.Generator(device=ids.device).manual_seed(seed)
+    previous = model.init_state(torch.zeros((*ids.shape, model.config.dim), device=ids.device), generator)
+
+    def visit(depth: int, state: torch.Tensor) -> None:
+        nonlocal previous
+        if depth in sums:
+            sums[depth].add(model.decode(state, ctx), targets, state, previous)
+        previous = state
+
+    model(ids, num_steps=deepest, seed=seed, on_state=visit, **kwargs)
 
 
 def _exp(x: float) -> float:

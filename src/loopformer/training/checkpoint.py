@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from loopformer.config import ModelConfig, atomic_write_text, read_text_file
 from loopformer.errors import ConfigError, InputError
+from loopformer.model import LoopLM, build_model
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -390,3 +391,15 @@ def check_compatible(saved: ModelConfig, requested: ModelConfig) -> None:
         have = ", ".join(f"{n}={getattr(saved, n)!r}" for n in diffs)
         want = ", ".join(f"{n}={getattr(requested, n)!r}" for n in diffs)
         raise InputError(f"The checkpoint has {have}, the requested config has {want}.")
+
+
+def load_trained_model(path: Path, use_ema: bool = False) -> tuple[LoopLM, TrainingState, Path]:
+    """The model of a checkpoint (or of a run directory's latest) in eval mode, its state and its directory.
+
+    ``use_ema`` takes the EMA weights when the checkpoint has them.
+    """
+    directory = resolve_checkpoint(path)
+    state = load_checkpoint(directory, load_optimizer=False)
+    model = build_model(state.config)
+    model.load_state_dict(state.ema if use_ema and state.ema is not None else state.model)
+    return model.eval(), state, directory

@@ -23,6 +23,11 @@ class TrainConfig:
 
     data: str = "stdlib"
     val_data: str | None = None
+    task: str | None = None
+    task_difficulty: str | None = None
+    eval_difficulty: int | None = None
+    task_data: str | None = None
+    eval_data: str | None = None
     val_fraction: float = 0.02
     tokenizer: str = "bpe"
     tokenizer_vocab: int = 4096
@@ -88,6 +93,25 @@ class TrainConfig:
         _check(self.tokenizer_sample_mb > 0, owner, "tokenizer_sample_mb", self.tokenizer_sample_mb, "must be > 0")
         if self.time_limit_minutes is not None:
             _check(self.time_limit_minutes > 0, owner, "time_limit_minutes", self.time_limit_minutes, "must be > 0")
+        _check(
+            self.task is None or self.task_data is None,
+            owner,
+            "task_data",
+            self.task_data,
+            "give either a built-in task or task_data, not both",
+        )
+        _check(
+            self.eval_data is None or self.is_task,
+            owner,
+            "eval_data",
+            self.eval_data,
+            "needs a task (task or task_data); text runs take val_data",
+        )
+        for name in ("task_difficulty", "eval_difficulty"):
+            value = getattr(self, name)
+            _check(value is None or self.task is not None, owner, name, value, "applies to a built-in task only")
+        if self.eval_difficulty is not None:
+            _check(self.eval_difficulty >= 1, owner, "eval_difficulty", self.eval_difficulty, "must be >= 1")
         _check_choice(owner, "schedule", self.schedule, SCHEDULES)
         _check_choice(owner, "dtype", self.dtype, DTYPES)
         _check_choice(owner, "strategy", self.strategy, STRATEGIES)
@@ -104,6 +128,11 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def is_task(self) -> bool:
+        """A reasoning-task run (built-in generator or JSONL examples) rather than language modelling."""
+        return self.task is not None or self.task_data is not None
 
     @property
     def min_lr(self) -> float:

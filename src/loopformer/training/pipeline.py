@@ -14,8 +14,11 @@ from pathlib import Path
 
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import (
+    Batch,
+    BatchSampler,
     Document,
     PackedRows,
+    fixed_eval_batches,
     load_documents,
     split_documents,
     tokenize_documents,
@@ -37,6 +40,18 @@ class PreparedData:
     train: PackedRows
     val: PackedRows
     stats: dict[str, int]
+
+    @property
+    def summary(self) -> str:
+        return f"{self.stats['train_tokens']:,} training tokens"
+
+    def sampler(self, rows: int, seed: int, rank: int, world_size: int) -> BatchSampler:
+        """This rank's resumable sampler of ``rows`` packed rows per step."""
+        return BatchSampler(self.train, rows, seed, rank, world_size)
+
+    def eval_batches(self, batch_size: int, count: int) -> list[Batch]:
+        """The fixed validation batches (the first ``count`` of the validation rows)."""
+        return fixed_eval_batches(self.val, batch_size, count)
 
 
 def tokenizer_sample(docs: list[Document], megabytes: float) -> list[str]:

@@ -1,9 +1,10 @@
 """A thin wrapper over the Hugging Face ``tokenizers`` library: every run saves exactly one ``tokenizer.json``.
 
-Two kinds of tokenizer, both with the :data:`SPECIAL_TOKENS` at ids ``0..13``:
+Three kinds of tokenizer, all with the :data:`SPECIAL_TOKENS` at ids ``0..13``:
 
 * :meth:`TextTokenizer.byte_level`: the 256 bytes (ids ``14..269``) and no merges, so any text round-trips exactly;
-* :meth:`TextTokenizer.train_bpe`: byte-level BPE trained on a corpus (the same texts give the same tokenizer).
+* :meth:`TextTokenizer.train_bpe`: byte-level BPE trained on a corpus (the same texts give the same tokenizer);
+* :meth:`TextTokenizer.symbolic`: one id per whitespace-separated symbol of a task alphabet (reasoning tasks).
 
 Special token strings that occur inside the text passed to :meth:`TextTokenizer.encode` *are* recognised and
 encoded as the single special id (the ``tokenizers`` default for added special tokens); a corpus that must keep
@@ -110,6 +111,38 @@ class TextTokenizer:
         )
         inner.train_from_iterator(texts, trainer=trainer)
         return cls(inner)
+
+    @classmethod
+    def symbolic(cls, symbols: Iterable[str]) -> TextTokenizer:
+        """A word-level vocabulary: the specials, then each distinct symbol in first-seen order.
+
+        Text is split on whitespace. :meth:`encode` maps a symbol outside the vocabulary to the pad id;
+        task code encodes through :meth:`symbol_ids` instead, which names unknown symbols.
+        """
+        vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+        for symbol in symbols:
+            if not symbol or any(ch.isspace() for ch in symbol):
+                raise InputError(f"task symbol {symbol!r} is empty or contains whitespace.")
+            if symbol in SPECIAL_TOKENS:
+                raise InputError(f"task symbol {symbol!r} is reserved as a special token; rename it.")
+            vocab.setdefault(symbol, len(vocab))
+        inner = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|pad|>"))
+        inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        inner.add_special_tokens(list(SPECIAL_TOKENS))
+        return cls(inner)
+
+    @property
+    def is_symbolic(self) -> bool:
+        """True for a :meth:`symbolic` (task) vocabulary."""
+        return isinstance(self.inner.model, models.WordLevel)
+
+    def symbol_ids(self) -> dict[str, int]:
+        """Symbol -> id of a :meth:`symbolic` vocabulary, specials excluded."""
+        if not self.is_symbolic:
+            raise InputError("this tokenizer is not a task (symbolic) vocabulary.")
+        return {
+            token: i for token, i in self.inner.get_vocab(with_added_tokens=False).items() if i >= len(SPECIAL_TOKENS)
+        }
 
     @staticmethod
     def _configure(inner: tokenizers.Tokenizer) -> None:

@@ -35,6 +35,7 @@ from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
 from loopformer.flops import training_flops_per_token
 from loopformer.model import LoopLM, build_model
 from loopformer.recurrence import sample_depth, sample_depths
+from loopformer.tasks.data import TaskData, prepare_task_data
 from loopformer.training.checkpoint import (
     TrainingState,
     capture_rng,
@@ -45,7 +46,7 @@ from loopformer.training.checkpoint import (
     save_checkpoint,
 )
 from loopformer.training.config import TrainConfig
-from loopformer.training.data import Batch, BatchSampler, document_mask, fixed_eval_batches
+from loopformer.training.data import Batch, document_mask
 from loopformer.training.distributed import init_distributed, shutdown, wrap_model
 from loopformer.training.metrics import MetricsLogger, ProgressBar, measure_matmul_peak
 from loopformer.training.optim import EMA, build_optimizer, learning_rate, set_learning_rate
@@ -120,6 +121,7 @@ class Trainer:
         self.stream = stream if stream is not None else sys.stderr
         self.progress_enabled = progress
         self.progress: ProgressBar | None = None  # exists while the loop runs
+        self.step_shape = (0, 0)  # (tokens in the global batch, row width) of the latest step
 
     # ----- setup --------------------------------------------------------------------------
     def _restore_source(self) -> TrainingState | None:
@@ -160,7 +162,11 @@ class Trainer:
             raise InputError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len ({limit}); raise --max-seq-len.")
         source = self._restore_source()
         tokenizer = TextTokenizer.from_json(source.tokenizer_json) if source and source.tokenizer_json else None
-        self.data: PreparedData = prepare_data(cfg, tokenizer, self._say, self.dist.is_main, self.dist.barrier)
+        self.data: PreparedData | TaskData
+        if cfg.is_task:
+            self.data = prepare_task_data(cfg, tokenizer)
+        else:
+            self.data = prepare_data(cfg, tokenizer, self._say, self.dist.is_main, self.dist.barrier)
         model_config = self.model_config
         if source is not None:
             model_config = model_config.replace(vocab_size=source.config.vocab_size)
@@ -180,14 +186,14 @@ class Trainer:
         )
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.depth_generator = torch.Generator().manual_seed(cfg.seed)
-        self.sampler = BatchSampler(
-            self.data.train, cfg.batch_size * cfg.grad_accum, cfg.seed, self.dist.rank, self.dist.world_size
+        self.sampler = self.data.sampler(
+            cfg.batch_size * cfg.grad_accum, cfg.seed, self.dist.rank, self.dist.world_size
         )
         self.step = 0
         self.tokens_seen = 0
         if self.resume and source is not None:
             self._load_training_state(source)
-        self.val_batches = fixed_eval_batches(self.data.val, cfg.batch_size, cfg.eval_batches)
+        self.val_batches = self.data.eval_batches(cfg.batch_size, cfg.eval_batches)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
         self.logger = MetricsLogger(
             self.out_dir / "metrics.jsonl",
@@ -243,6 +249,7 @@ class Trainer:
         """This rank's micro-batches of the next step, with their global micro-batch index."""
         cfg = self.config
         rows = self.sampler.next_batch()
+        self.step_shape = (rows.input_ids.numel() * self.dist.world_size, rows.input_ids.shape[1])
         for micro in range(cfg.grad_accum):
             part = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
             batch = Batch(rows.input_ids[part], rows.labels[part], rows.doc_ids[part])
@@ -319,7 +326,7 @@ class Trainer:
                 self.ema.update(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += cfg.batch_size * cfg.grad_accum * self.dist.world_size * cfg.seq_len
+        self.tokens_seen += self.step_shape[0]
         return loss, grad_norm, depth, skipped, stop_requested
 
     def _lr(self, step: int) -> float:
@@ -356,10 +363,15 @@ class Trainer:
                 perplexity=r.perplexity,
                 state_change=r.state_change,
                 token_correlation=r.token_correlation,
+                exact_match=r.exact_match,
                 weights="ema" if self.ema is not None else "model",
             )
-        summary = ", ".join(f"r={r.steps}: {r.perplexity:.2f}" for r in results)
-        self._say(f"step {self.step}: validation perplexity {summary}")
+        if self.config.is_task:
+            summary = ", ".join(f"r={r.steps}: {100 * r.exact_match:.1f}%" for r in results)
+            self._say(f"step {self.step}: validation exact match {summary}")
+        else:
+            summary = ", ".join(f"r={r.steps}: {r.perplexity:.2f}" for r in results)
+            self._say(f"step {self.step}: validation perplexity {summary}")
         return results
 
     # ----- the loop -------------------------------------------------------------------------
@@ -378,7 +390,7 @@ class Trainer:
         n_params = self.model.num_parameters()
         self._say(
             f"{n_params:,} parameters, vocab {self.model_config.vocab_size}, "
-            f"{self.data.stats['train_tokens']:,} training tokens, {self.dist.world_size} process(es), "
+            f"{self.data.summary}, {self.dist.world_size} process(es), "
             f"matmul peak {peak / 1e9:.0f} GFLOP/s; {'resuming at' if self.step else 'starting at'} step {self.step}"
         )
         self.logger.log("start", self.step, parameters=n_params, peak_flops=peak, **self.data.stats)
@@ -394,9 +406,9 @@ class Trainer:
                 loss, grad_norm, depth, skipped, stop_requested = self.train_step(stop)
                 steps_run = int(depth.max()) if isinstance(depth, torch.Tensor) else depth
                 result.losses[self.step] = loss
-                tokens = cfg.batch_size * cfg.grad_accum * self.dist.world_size * cfg.seq_len
+                tokens, width = self.step_shape
                 flops = tokens * training_flops_per_token(
-                    self.model_config, steps_run, self.model_config.recurrence.backprop_depth, cfg.seq_len
+                    self.model_config, steps_run, self.model_config.recurrence.backprop_depth, width
                 )
                 if skipped:
                     bad_in_a_row += 1
