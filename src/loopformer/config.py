@@ -287,6 +287,23 @@ def read_text_file(path: Path, what: str, error: type[Exception]) -> str:
         raise error(f"{what} {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
 
 
+def read_jsonl_records(path: Path, what: str, error: type[Exception]) -> list[tuple[int, Any]]:
+    """``(line number, value)`` for every non-blank line of a JSON-lines file.
+
+    Lines are separated by ``\\n`` only (a JSON string may hold other Unicode line breaks); a line that is not
+    JSON raises ``error`` naming the place.
+    """
+    records = []
+    for number, line in enumerate(read_text_file(path, what, error).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{number}: not valid JSON ({exc.msg}).") from None
+    return records
+
+
 def read_config_file(path: str | os.PathLike[str]) -> Any:
     """Parse a JSON or YAML file (safe loaders only) into plain data; one-sentence errors."""
     path = Path(path)

@@ -40,16 +40,24 @@ def _brute_pointer_chasing(ex: Example) -> tuple[str, ...]:
 BRUTE = {
     "prefix-parity": _brute_prefix_parity,
     "addition": _brute_addition,
+    "addition-carry": _brute_addition,
     "vector-parity": _brute_vector_parity,
     "pointer-chasing": _brute_pointer_chasing,
 }
-PER_POSITION = {"prefix-parity": True, "addition": True, "vector-parity": False, "pointer-chasing": False}
+PER_POSITION = {
+    "prefix-parity": True,
+    "addition": True,
+    "addition-carry": True,
+    "vector-parity": False,
+    "pointer-chasing": False,
+}
 
 
 def _expected_lengths(name: str, difficulty: int) -> tuple[int, int]:
     return {
         "prefix-parity": (difficulty, difficulty),
         "addition": (difficulty + 1, difficulty + 1),
+        "addition-carry": (difficulty + 1, difficulty + 1),
         "vector-parity": (32, 1),
         "pointer-chasing": (8 + 2 + difficulty, 1),
     }[name]
@@ -129,6 +137,23 @@ def test_addition_carries_and_columns() -> None:
     assert task.solve(("9+9", "9+9", "=")) == ("8", "9", "1")
     assert task.solve(("3+4", "0+0", "=")) == ("7", "0", "0")
     assert len(task.alphabet) == 111
+
+
+def test_addition_carry_makes_long_carry_chains() -> None:
+    """addition-carry columns mostly sum to 9, so carries travel far; uniform addition's rarely do."""
+
+    def longest_chain(task: Addition) -> int:
+        longest = 0
+        for ex in task.generate(40, 200, seed=3):
+            run = 0
+            for column in ex.input[:-1]:
+                run = run + 1 if int(column[0]) + int(column[2]) == 9 else 0
+                longest = max(longest, run)
+        return longest
+
+    assert longest_chain(get_task("addition-carry")) >= 30 > 10 >= longest_chain(get_task("addition"))
+    with pytest.raises(InputError, match="propagate must lie in"):
+        Addition(1.5)
 
 
 def test_pointer_chasing_custom_nodes() -> None:

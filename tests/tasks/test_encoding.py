@@ -58,22 +58,22 @@ def test_symbol_with_whitespace_or_empty_is_rejected(bad: str) -> None:
 def test_per_position_layout(encoder: TaskEncoder) -> None:
     a, b, c = (encoder.symbols[s] for s in "abc")
     ids, labels = encoder.encode(example("a b c", "c a b"))
-    # ids = input + [EOS]; labels = [-100] + target: logits at input position i are scored against target[i]
-    assert ids == [a, b, c, encoder.end_id]
-    assert labels == [IGNORE_INDEX, c, a, b]
+    # ids = [BOS] + input + [EOS]; labels = [-100, -100] + target: logits at input[i] are scored against target[i]
+    assert ids == [encoder.start_id, a, b, c, encoder.end_id]
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, c, a, b]
     assert encoder.end_id == 1
 
 
 def test_continuation_layout(encoder: TaskEncoder) -> None:
     a, b, c, eq, x = (encoder.symbols[s] for s in ["a", "b", "c", "=", "x"])
     ids, labels = encoder.encode(example("a b =", "x c"))
-    # ids = input + [EOS] + target; labels = [-100] * (len(input) + 1) + target
-    assert ids == [a, b, eq, encoder.end_id, x, c]
-    assert labels == [IGNORE_INDEX] * 4 + [x, c]
+    # ids = [BOS] + input + [EOS] + target; labels = [-100] * (len(input) + 2) + target
+    assert ids == [encoder.start_id, a, b, eq, encoder.end_id, x, c]
+    assert labels == [IGNORE_INDEX] * 5 + [x, c]
     assert len(ids) == len(labels)
     ids, labels = encoder.encode(example("a", "b c"))
-    assert ids == [a, encoder.end_id, b, c]
-    assert labels == [IGNORE_INDEX, IGNORE_INDEX, b, c]
+    assert ids == [encoder.start_id, a, encoder.end_id, b, c]
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, b, c]
 
 
 def test_shifted_labels_pair_each_target_with_the_right_position(encoder: TaskEncoder) -> None:
@@ -96,7 +96,7 @@ def test_batch_is_right_padded_with_pad_id_and_ignored_labels(encoder: TaskEncod
     batch = encoder.batch(examples)
     assert batch.input_ids.dtype == torch.long and batch.labels.dtype == torch.long
     width = max(len(encoder.encode(e)[0]) for e in examples)
-    assert batch.input_ids.shape == batch.labels.shape == (3, width) == (3, 5)
+    assert batch.input_ids.shape == batch.labels.shape == (3, width) == (3, 6)
     assert torch.equal(batch.doc_ids, torch.zeros_like(batch.input_ids))
     for row, ex in enumerate(examples):
         ids, labels = encoder.encode(ex)

@@ -219,7 +219,7 @@ def test_streaming_evaluation_equals_separate_forward_calls() -> None:
 def greedy(model: LoopLM, encoder: TaskEncoder, example: Example, steps: int) -> tuple[str, ...]:
     """Token-by-token greedy generation of ``len(example.target)`` tokens, one full forward call per token."""
     names = {i: s for s, i in encoder.symbols.items()}
-    ids = [encoder.symbols[s] for s in example.input] + [encoder.end_id]
+    ids = [encoder.start_id] + [encoder.symbols[s] for s in example.input] + [encoder.end_id]
     generated = []
     with torch.no_grad():
         for _ in example.target:
@@ -306,7 +306,7 @@ def test_builtin_task_run_saves_a_symbolic_checkpoint_and_exact_match(task_run: 
     metrics = task_run.out / "metrics.jsonl"
     train = read_metrics(metrics, "train")
     assert [r["step"] for r in train] == [10, 20, 30]
-    assert train[-1]["tokens"] == 30 * 32 * 5  # rows of 4 bits + end marker, not seq_len
+    assert train[-1]["tokens"] == 30 * 32 * 6  # rows of BOS + 4 bits + end marker, not seq_len
     evals = read_metrics(metrics, "eval")
     assert {(r["step"], r["depth"]) for r in evals} == {(30, 1), (30, 4)}
     for record in evals:

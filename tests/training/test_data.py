@@ -68,11 +68,11 @@ def test_load_jsonl(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "match"),
     [
-        ("{not json", "line 2 .* not valid JSON"),
-        ('["text"]', 'line 2 .* string "text" field'),
-        ('{"prompt": "x"}', 'line 2 .* string "text" field'),
-        ('{"text": 3}', 'line 2 .* string "text" field'),
-        ('{"text": "a", "prompt": 1}', 'line 2 .* "prompt" field'),
+        ("{not json", "bad.jsonl:2: not valid JSON"),
+        ('["text"]', 'bad.jsonl:2: .* string "text" field'),
+        ('{"prompt": "x"}', 'bad.jsonl:2: .* string "text" field'),
+        ('{"text": 3}', 'bad.jsonl:2: .* string "text" field'),
+        ('{"text": "a", "prompt": 1}', 'bad.jsonl:2: .* "prompt" field'),
     ],
 )
 def test_load_jsonl_bad_line(tmp_path: Path, line: str, match: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from loopformer.cli.arguments import parse_steps
+from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_steps
 from loopformer.errors import InputError
 from loopformer.evaluation.perplexity import evaluate_depths, format_depth_table
 from loopformer.training.checkpoint import load_trained_model
@@ -50,13 +50,11 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval-ppl", help="validation perplexity of a checkpoint vs depth")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--depths", default="1,4,8,16,32", help="comma-separated core iteration counts")
     parser.add_argument("--data", help="evaluate on this source instead of the run's validation split")
     parser.add_argument("--seq-len", type=int, help="row length (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=8, help="validation batches (default: 8)")
-    parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random initial state")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_report_arguments(parser, "seed of the random initial state")
     parser.set_defaults(run=run)

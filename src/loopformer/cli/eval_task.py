@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.cli.arguments import parse_steps
+from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_steps
 from loopformer.errors import InputError
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.evaluate import evaluate_task, format_accuracy_table
@@ -53,14 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval-task", help="exact-match accuracy of a task checkpoint vs loop count")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--data", metavar="FILE", help='JSONL of {"input": ..., "target": ...} examples')
     parser.add_argument("--task", help="a built-in task (default: the checkpoint's)")
     parser.add_argument("--difficulty", type=int, help="difficulty of generated examples (with --task)")
     parser.add_argument("--count", type=int, default=256, help="generated examples (default: 256)")
     parser.add_argument("--loops", default="1,2,4,8,16,32", help="comma-separated loop counts")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the examples and of the initial state")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_report_arguments(parser, "seed of the examples and of the initial state")
     parser.set_defaults(run=run)

@@ -23,9 +23,15 @@ SKIPPED_FIELDS = {("model", "recurrence")}
 HELP = {
     "data": "stdlib (embedded), stdlib+topics, a text file, a folder of .txt/.md/.py, or JSONL with 'text'",
     "val_data": "a separate validation source (default: a hash split of --data)",
+    "task": "train on a built-in reasoning task instead of text: prefix-parity, addition, vector-parity, "
+    "pointer-chasing",
+    "task_difficulty": "training difficulty of --task: N or LOW-HIGH (default: the task's own)",
+    "eval_difficulty": "validation difficulty of --task (default: twice the hardest training difficulty)",
+    "task_data": 'JSONL of {"input": ..., "target": ...} examples (whitespace-separated symbols) to train on',
+    "eval_data": "JSONL examples to validate a task run on (default: a --val-fraction share of --task-data)",
     "tokenizer": "bpe (trained on the data and cached), byte, or a tokenizer.json path",
     "steps": "total optimizer steps (the schedule's length)",
-    "eval_depths": "comma-separated depths for validation perplexity",
+    "eval_depths": "comma-separated depths for validation perplexity (and exact match on tasks)",
     "init_from": "fine-tune: start from this checkpoint's weights, tokenizer and model config",
     "time_limit_minutes": "stop with a checkpoint after this many minutes",
     "vocab_size": "set from the tokenizer for new runs (padded to a multiple of 64)",

@@ -41,7 +41,12 @@ class PrefixParity(Task):
 
 
 class Addition(Task):
-    """Column-wise addition of two n-digit numbers, least-significant digit first."""
+    """Column-wise addition of two n-digit numbers, least-significant digit first.
+
+    With uniform digits a carry rarely travels more than a few columns. ``propagate`` is the probability that a
+    column's digits sum to exactly 9 (so an incoming carry passes through it): with ``propagate=0.9``
+    (``addition-carry``) carry chains span much of the number, and each answer digit depends on far-away columns.
+    """
 
     name = "addition"
     description = "Add two numbers given as digit columns like '3+7', least-significant first, then '='."
@@ -50,13 +55,27 @@ class Addition(Task):
     alphabet = (*(f"{a}+{b}" for a in _DIGITS for b in _DIGITS), "=", *_DIGITS)
     _columns = frozenset(alphabet[:100])
 
+    def __init__(self, propagate: float = 0.0, name: str = "addition") -> None:
+        if not 0.0 <= propagate <= 1.0:
+            raise InputError(f"{name}: propagate must lie in [0, 1], got {propagate!r}.")
+        self.propagate = propagate
+        self.name = name
+        if propagate > 0:
+            self.description = f"Addition whose columns sum to 9 with probability {propagate} (long carry chains)."
+
+    def _column(self, rng: random.Random) -> tuple[int, int]:
+        if self.propagate and rng.random() < self.propagate:
+            a = rng.randrange(10)
+            return a, 9 - a
+        return rng.randrange(10), rng.randrange(10)
+
     def sample(self, difficulty: int, rng: random.Random) -> Example:
         self.check_difficulty(difficulty)
         columns: list[str] = []
         digits: list[str] = []
         carry = 0
         for _ in range(difficulty):
-            a, b = rng.randrange(10), rng.randrange(10)
+            a, b = self._column(rng)
             carry, digit = divmod(a + b + carry, 10)
             columns.append(f"{a}+{b}")
             digits.append(str(digit))
@@ -130,7 +149,9 @@ class PointerChasing(Task):
         return (node,)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (PrefixParity(), Addition(), VectorParity(), PointerChasing())}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (PrefixParity(), Addition(), Addition(0.9, "addition-carry"), VectorParity(), PointerChasing())
+}
 
 
 def get_task(name: str) -> Task:

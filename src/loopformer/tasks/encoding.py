@@ -2,10 +2,14 @@
 
 A symbolic vocabulary (:meth:`TextTokenizer.symbolic`) gives every symbol one id. An example becomes one row:
 
-* per-position (``len(target) == len(input)``): ``ids = input + [EOS]``, ``labels = [-100] + target``, so
-  the logits at input position i are scored against ``target[i]`` (the model shifts labels by one);
-* continuation: ``ids = input + [EOS] + target``, ``labels = [-100] * (len(input) + 1) + target``: the
-  target is predicted token by token after the end-of-input marker, teacher-forced.
+* per-position (``len(target) == len(input)``): ``ids = [BOS] + input + [EOS]``,
+  ``labels = [-100, -100] + target``, so the logits at the position of ``input[i]`` are scored against
+  ``target[i]`` (the model shifts labels by one);
+* continuation: ``ids = [BOS] + input + [EOS] + target``, ``labels = [-100] * (len(input) + 2) + target``:
+  the target is predicted token by token after the end-of-input marker, teacher-forced.
+
+The leading BOS gives the first input symbol a predecessor like every other symbol, so a model with a short
+attention window sees the same kind of neighbourhood at every input position.
 
 An example is solved when every labelled position's argmax equals its target. For a continuation this is
 exactly greedy decoding: if every teacher-forced argmax is right, greedy generation reproduces the target,
@@ -46,6 +50,7 @@ class TaskEncoder:
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
         self.symbols = tokenizer.symbol_ids()
+        self.start_id = tokenizer.bos_id
         self.end_id = tokenizer.eos_id
         self.pad_id = tokenizer.pad_id
 
@@ -67,8 +72,8 @@ class TaskEncoder:
         except KeyError as exc:
             raise InputError(f"the symbol {exc.args[0]!r} is not in the task vocabulary.") from None
         if example.per_position:
-            return [*inputs, self.end_id], [IGNORE_INDEX, *targets]
-        return [*inputs, self.end_id, *targets], [IGNORE_INDEX] * (len(inputs) + 1) + targets
+            return [self.start_id, *inputs, self.end_id], [IGNORE_INDEX, IGNORE_INDEX, *targets]
+        return [self.start_id, *inputs, self.end_id, *targets], [IGNORE_INDEX] * (len(inputs) + 2) + targets
 
     def batch(self, examples: Sequence[Example]) -> Batch:
         """One right-padded batch of ``examples``."""

@@ -12,6 +12,7 @@ timing a few steps, so the learning-rate schedule completes) and the evaluation 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import tempfile
@@ -26,20 +27,23 @@ import torch
 from loopformer.baselines import derive_baseline
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.errors import InputError
+from loopformer.flops import training_flops_per_token
 from loopformer.model import build_model
+from loopformer.recurrence import sample_depths
 from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.data import parse_difficulty_range
 from loopformer.tasks.encoding import TaskEncoder, task_tokenizer
 from loopformer.tasks.evaluate import accuracy_row, evaluate_task
 from loopformer.training.config import TrainConfig
-from loopformer.training.optim import build_optimizer
+from loopformer.training.optim import EMA, build_optimizer
 from loopformer.training.trainer import VOCAB_MULTIPLE, Trainer
 
 Log = Callable[[str], None]
 KINDS = ("looped", "param-matched", "compute-matched")
-TRAIN_SHARES = {"looped": 0.58, "param-matched": 0.12, "compute-matched": 0.15}  # the rest is evaluation
+TRAIN_SHARES = {"looped": 0.56, "param-matched": 0.08, "compute-matched": 0.2}  # the rest is evaluation
 STARTUP_SECONDS = 4.0  # a trainer's set-up, matmul-peak probe, final evaluation and checkpoint
+SCHEDULE_MARGIN = 0.95  # the trainer's per-step bookkeeping (logging, loss sync) that the timing probe omits
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Recipe:
     loops: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     stability_loops: int = 1024
     stability_multiple: int = 4
+    stability_count: int = 64  # examples run to stability_loops (a subset of the evaluation set)
 
     @property
     def train_difficulty(self) -> int:
@@ -84,6 +89,7 @@ def _task_training(task: str, difficulty: str, **changes: Any) -> TrainConfig:
         warmup_steps=50,
         schedule="cosine",
         weight_decay=0.1,
+        ema_decay=0.995,
         eval_every=0,
         eval_batches=1,
         save_every=0,
@@ -104,6 +110,12 @@ RECIPES: dict[str, Recipe] = {
         task="addition",
         model=_windowed_model(window=2, mean_steps=8, backprop_depth=3, n_core=2),
         train=_task_training("addition", "1-10"),
+        multiples=(1, 2, 4),
+    ),
+    "addition-carry": Recipe(
+        task="addition-carry",
+        model=_windowed_model(window=2, mean_steps=8, backprop_depth=3, n_core=2),
+        train=_task_training("addition-carry", "1-10"),
         multiples=(1, 2, 4),
     ),
     "vector-parity": Recipe(
@@ -174,27 +186,50 @@ def _model_config(recipe: Recipe, kind: str) -> ModelConfig:
     return recipe.model if kind == "looped" else derive_baseline(recipe.model, kind)
 
 
-def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 4) -> float:
-    """Wall time of one optimizer step at the mean training depth, timed on ``probe`` steps after a warm-up."""
+def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 6) -> float:
+    """Expected wall time of one optimizer step, data generation included.
+
+    ``probe`` steps run at evenly spaced quantiles of the depth sampler (after one warm-up step); their mean
+    time is rescaled by the sampler's expected FLOPs over the probes' mean FLOPs, which removes the effect of
+    which depths the probes happened to use.
+    """
     train = recipe.train
     task = get_task(recipe.task)
     encoder = TaskEncoder(task_tokenizer(task.alphabet))
     vocab = math.ceil(encoder.tokenizer.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     model = build_model(model_config.replace(vocab_size=vocab), seed=train.seed).train()
     optimizer = build_optimizer(model, train.lr, weight_decay=train.weight_decay)
+    ema = EMA(model, train.ema_decay) if train.ema_decay > 0 else None
     low, high = parse_difficulty_range(train.task_difficulty)
     rec = model_config.recurrence
-    elapsed = 0.0
-    for step in range(probe + 1):
+    draws = sorted(sample_depths(rec, 4096, torch.Generator().manual_seed(0)).tolist())
+    depths = [draws[len(draws) // 2]] + [draws[int((i + 0.5) / probe * len(draws))] for i in range(probe)]
+    elapsed, width = 0.0, 1
+    for step, depth in enumerate(depths):
         start = time.perf_counter()
         batch = encoder.batch(task.generate_mixed(low, high, train.batch_size, seed=step))
-        out = model(batch.input_ids, num_steps=rec.mean_steps, labels=batch.labels, backprop_depth=rec.backprop_depth)
+        out = model(batch.input_ids, num_steps=depth, labels=batch.labels, backprop_depth=rec.backprop_depth)
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
         if step > 0:  # the first step pays one-off allocation costs
             elapsed += time.perf_counter() - start
-    return elapsed / probe
+        width = max(width, batch.input_ids.shape[1])
+
+    def flops(r: int) -> float:
+        return training_flops_per_token(model_config, r, rec.backprop_depth, width)
+
+    probed = sum(flops(r) for r in depths[1:]) / probe
+    expected = sum(flops(r) for r in draws) / len(draws)
+    return elapsed / probe * expected / probed
+
+
+def _evaluation_weights(trainer: Trainer) -> contextlib.AbstractContextManager:
+    """The EMA weights while scoring, when the run keeps an EMA (as the trainer's own evaluation does)."""
+    return trainer.ema.applied(trainer.model) if trainer.ema is not None else contextlib.nullcontext()
 
 
 def _evaluation_difficulties(recipe: Recipe) -> list[int]:
@@ -237,7 +272,7 @@ def run_demo(
         per_step = seconds_per_step(recipe, config)
         # what is left of this stage's share after the time already spent, less the trainer's start-up
         seconds = max(planned_end - (time.perf_counter() - started) - STARTUP_SECONDS, 10 * per_step)
-        steps = max(10, int(seconds / per_step))
+        steps = max(10, int(SCHEDULE_MARGIN * seconds / per_step))
         train = recipe.train.replace(
             steps=steps,
             warmup_steps=min(recipe.train.warmup_steps, steps // 10),
@@ -256,26 +291,34 @@ def run_demo(
     difficulties = _evaluation_difficulties(recipe)
     stability_difficulty = recipe.stability_multiple * recipe.train_difficulty
     say(f"[4/4] evaluating {eval_count} examples per {task.difficulty_name} in {difficulties}")
-    stability: dict[str, float] = {}
+    examples = {d: task.generate(d, eval_count, seed=seed + 10_000) for d in difficulties}
     for report in reports:
         trainer = trained[report.kind]
         for difficulty in difficulties:
-            examples = task.generate(difficulty, eval_count, seed=seed + 10_000)
-            extra = [recipe.stability_loops] if report.kind == "looped" and difficulty == stability_difficulty else []
-            results = evaluate_task(trainer.model, trainer.data.tokenizer, examples, report.loops + extra, seed=seed)
-            report.accuracy[difficulty] = accuracy_row(results[: len(report.loops)])
-            if extra:
-                best = max(range(len(report.loops)), key=lambda i: results[i].exact_match)
-                stability = {
-                    "difficulty": difficulty,
-                    "loops": recipe.stability_loops,
-                    "accuracy": round(100 * results[-1].exact_match, 1),
-                    "state_rms": results[-1].state_rms,
-                    "state_change": results[-1].state_change,
-                    "best_accuracy": round(100 * results[best].exact_match, 1),
-                    "best_loops": report.loops[best],
-                    "state_rms_at_best": results[best].state_rms,
-                }
+            with _evaluation_weights(trainer):
+                results = evaluate_task(
+                    trainer.model, trainer.data.tokenizer, examples[difficulty], report.loops, seed=seed
+                )
+            report.accuracy[difficulty] = accuracy_row(results)
+    looped = trained["looped"]
+    stability: dict[str, float] = {}
+    if stability_difficulty in examples:
+        subset = examples[stability_difficulty][: recipe.stability_count]
+        loops = [*recipe.loops, recipe.stability_loops]
+        with _evaluation_weights(looped):
+            results = evaluate_task(looped.model, looped.data.tokenizer, subset, loops, seed=seed)
+        best = max(range(len(recipe.loops)), key=lambda i: results[i].exact_match)
+        stability = {
+            "difficulty": stability_difficulty,
+            "examples": len(subset),
+            "loops": recipe.stability_loops,
+            "accuracy": round(100 * results[-1].exact_match, 1),
+            "state_rms": results[-1].state_rms,
+            "state_change": results[-1].state_change,
+            "best_accuracy": round(100 * results[best].exact_match, 1),
+            "best_loops": recipe.loops[best],
+            "state_rms_at_best": results[best].state_rms,
+        }
     return DemoReport(
         task=recipe.task,
         difficulty_name=task.difficulty_name,
@@ -316,7 +359,8 @@ def format_report(report: DemoReport) -> str:
     if report.stability:
         st = report.stability
         lines.append(
-            f"stability at {report.difficulty_name} {st['difficulty']}: {st['accuracy']}% after {st['loops']} loops "
+            f"stability on {st['examples']} examples of {report.difficulty_name} {st['difficulty']}: "
+            f"{st['accuracy']}% after {st['loops']} loops "
             f"(best {st['best_accuracy']}% at r={st['best_loops']}); state rms {st['state_rms']:.3f} "
             f"(vs {st['state_rms_at_best']:.3f}), last-loop change {st['state_change']:.1e}"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loopformer.config import read_text_file
+from loopformer.config import read_jsonl_records
 from loopformer.errors import InputError
 from loopformer.tasks.base import Example
 
@@ -31,15 +31,8 @@ def read_task_file(path: str | Path) -> list[Example]:
     """The examples of a task JSONL file, in file order (at least one)."""
     path = Path(path)
     examples = []
-    for number, line in enumerate(read_text_file(path, "Task file", InputError).split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
+    for number, record in read_jsonl_records(path, "Task file", InputError):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg}).") from None
         if not isinstance(record, dict) or "input" not in record or "target" not in record:
             raise InputError(f'{where}: expected an object with "input" and "target".')
         examples.append(Example(_symbols(record["input"], "input", where), _symbols(record["target"], "target", where)))

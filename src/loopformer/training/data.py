@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopformer.config import atomic_write_text, read_text_file
+from loopformer.config import atomic_write_text, read_jsonl_records, read_text_file
 from loopformer.errors import ConfigError, InputError
 from loopformer.training.tokenizer import TextTokenizer
 
@@ -83,19 +83,13 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_documents(path: Path) -> list[Document]:
     docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"line {number} of {path}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where} is not valid JSON ({exc.msg}).") from exc
+    for number, record in read_jsonl_records(path, "Corpus file", InputError):
+        where = f"{path}:{number}"
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InputError(f'{where} is not a JSON object with a string "text" field.')
+            raise InputError(f'{where}: not a JSON object with a string "text" field.')
         prompt = record.get("prompt", "")
         if not isinstance(prompt, str):
-            raise InputError(f'{where} has a "prompt" field that is not a string.')
+            raise InputError(f'{where}: the "prompt" field is not a string.')
         docs.append(Document(f"{path.name}:{number}", record["text"], prompt))
     return docs
 

@@ -1,0 +1,256 @@
+"""Halting study on vector parity: zero-shot early exits against fixed loop counts at equal average compute.
+
+1. Train the demo's looped model on ``vector-parity`` (``loopformer.tasks.extrapolation.get_recipe``, with the
+   changes in ``MODEL_CHANGES`` / ``TRAIN_CHANGES``) through the normal Trainer within ``--minutes``, or load a
+   finished run with ``--ckpt``. The EMA weights are used when the run kept them.
+2. For every difficulty (number of non-zero elements) run ``--count`` fresh examples once to ``--max-loops``.
+   After every iteration the answer position (the EOS marker; its logits predict the parity symbol) is decoded
+   and fed to one :class:`~loopformer.inference.exits.ExitTracker` per criterion (the six zero-shot criteria at
+   their default thresholds, plus ``--exit`` rules). An example exits at the first iteration its rule fires
+   (``--max-loops`` if it never does) and is scored by the prediction at that iteration.
+3. Report per criterion and difficulty the mean loops used and the accuracy, next to fixed loop counts at the
+   same average compute: round(mean loops over all difficulties) for the overall comparison, and
+   round(mean loops of that difficulty) per difficulty. Decoding for the logit criteria is not counted.
+
+    python benchmarks/halting_study.py --json benchmarks/results/halting_study.json --plot docs/img/halting_study.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from loopformer.errors import LoopformerError
+from loopformer.inference.exits import EXIT_CRITERIA, ExitRule, ExitTracker, parse_exit_rule
+from loopformer.table import format_table
+from loopformer.tasks.builtin import get_task
+from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder
+from loopformer.tasks.extrapolation import STARTUP_SECONDS, get_recipe, seconds_per_step
+from loopformer.training.checkpoint import load_trained_model
+from loopformer.training.tokenizer import TextTokenizer
+from loopformer.training.trainer import Trainer
+
+TASK = "vector-parity"
+MODEL_CHANGES: dict[str, Any] = {}  # on top of the demo recipe's model
+TRAIN_CHANGES: dict[str, Any] = {}  # and its training settings
+
+
+def fail(message: str) -> NoReturn:
+    print(f"halting_study.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def train(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Train within ``args.minutes`` (calibration included); the run directory and a summary."""
+    started = time.perf_counter()
+    recipe = get_recipe(TASK)
+    recipe = dataclasses.replace(
+        recipe, model=recipe.model.replace(**MODEL_CHANGES), train=recipe.train.replace(**TRAIN_CHANGES)
+    )
+    per_step = seconds_per_step(recipe, recipe.model)
+    seconds = max(60 * args.minutes - (time.perf_counter() - started) - STARTUP_SECONDS, 10 * per_step)
+    steps = max(10, int(seconds / per_step))
+    config = recipe.train.replace(
+        steps=steps,
+        warmup_steps=min(recipe.train.warmup_steps, steps // 10),
+        time_limit_minutes=seconds / 60,
+        eval_depths=(recipe.model.recurrence.mean_steps,),
+        seed=args.seed,
+    )
+    out = args.out or Path(tempfile.mkdtemp(prefix="loopformer-halting-"))
+    print(f"training {TASK} for about {seconds / 60:.1f} min ({steps} steps, {per_step:.2f} s/step) -> {out}")
+    result = Trainer(recipe.model, config, out).fit()
+    summary = {"steps": result.step, "planned_steps": steps, "seconds": round(time.perf_counter() - started, 1)}
+    summary.update(model=recipe.model.to_dict(), train=config.to_dict())
+    return out, summary
+
+
+def trace(model: torch.nn.Module, batch: Any, rules: list[ExitRule], args: argparse.Namespace) -> tuple:
+    """One pass to max_loops: correctness per iteration [loops, rows] and each rule's exit iteration [rows]."""
+    rows = torch.arange(batch.input_ids.shape[0])
+    position = (batch.labels != IGNORE_INDEX).int().argmax(dim=1) - 1  # the EOS marker predicts the answer
+    target = batch.labels[rows, position + 1]
+    ctx = model.context(batch.input_ids)
+    trackers = [ExitTracker(rule) for rule in rules]
+    correct = torch.zeros(args.max_loops, len(rows), dtype=torch.bool)
+
+    def visit(step: int, state: torch.Tensor) -> None:
+        answer_state = state[rows, position]
+        logits = model.decode(state, ctx)[rows, position].float()
+        correct[step - 1] = logits.argmax(dim=-1) == target
+        for tracker in trackers:
+            tracker.update(step, answer_state, logits)
+
+    with torch.inference_mode():
+        model(batch.input_ids, num_steps=args.max_loops, seed=args.seed, on_state=visit)
+    return correct, [tracker.first_exit for tracker in trackers]  # every row exits by max_steps = max_loops
+
+
+def study(model: torch.nn.Module, encoder: TaskEncoder, rules: list[ExitRule], args: argparse.Namespace) -> dict:
+    """Per difficulty: the fixed-loop accuracy at 1..max_loops, and per rule the loops used and the accuracy."""
+    task = get_task(TASK)
+    fixed: dict[int, list[float]] = {}
+    exits: dict[str, dict[str, dict[str, float]]] = {rule.label: {} for rule in rules}
+    for difficulty in args.difficulties:
+        examples = task.generate(difficulty, args.count, seed=args.seed + 10_000)
+        encoder.check(examples, f"{TASK} at difficulty {difficulty}")
+        correct, used_loops = trace(model, encoder.batch(examples), rules, args)
+        fixed[difficulty] = [round(100 * float(c.float().mean()), 2) for c in correct]
+        for rule, used in zip(rules, used_loops, strict=True):
+            hit = correct[used - 1, torch.arange(args.count)].float()
+            exits[rule.label][str(difficulty)] = {
+                "mean_loops": round(float(used.float().mean()), 2),
+                "median_loops": int(used.median()),
+                "max_loops": int(used.max()),
+                "accuracy": round(100 * float(hit.mean()), 2),
+            }
+    for per_difficulty in exits.values():
+        for difficulty, cell in per_difficulty.items():
+            loops = max(1, round(cell["mean_loops"]))
+            cell.update(fixed_loops=loops, fixed_accuracy=fixed[int(difficulty)][loops - 1])
+        mean = sum(c["mean_loops"] for c in per_difficulty.values()) / len(per_difficulty)
+        loops = max(1, round(mean))
+        per_difficulty["all"] = {
+            "mean_loops": round(mean, 2),
+            "accuracy": round(sum(c["accuracy"] for c in per_difficulty.values()) / len(per_difficulty), 2),
+            "fixed_loops": loops,
+            "fixed_accuracy": round(sum(fixed[d][loops - 1] for d in args.difficulties) / len(args.difficulties), 2),
+        }
+    return {"fixed_accuracy": {str(d): row for d, row in fixed.items()}, "exits": exits}
+
+
+def tables(report: dict) -> str:
+    difficulties = [int(d) for d in report["fixed_accuracy"]]
+    max_loops = report["settings"]["max_loops"]
+    shown = [r for r in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128) if r <= max_loops]
+    rows = [[d, *(report["fixed_accuracy"][str(d)][r - 1] for r in shown)] for d in difficulties]
+    parts = ["fixed loops: accuracy (%) per difficulty (non-zero elements)"]
+    parts.append(format_table(["difficulty", *(f"r={r}" for r in shown)], rows))
+    columns = [*map(str, difficulties), "all"]
+    loops_rows, accuracy_rows = [], []
+    for label, cells in report["exits"].items():
+        ordered = [cells[c] for c in columns]
+        loops_rows.append([label, *(c["mean_loops"] for c in ordered)])
+        accuracy_rows.append([label, *(f"{c['accuracy']:.1f} / {c['fixed_accuracy']:.1f}" for c in ordered)])
+    parts += ["", "zero-shot exits: mean loops used", format_table(["criterion", *columns], loops_rows)]
+    parts += ["", "accuracy (%) at exit / fixed loops at round(mean loops used)"]
+    parts.append(format_table(["criterion", *columns], accuracy_rows))
+    return "\n".join(parts)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    difficulties = [int(d) for d in report["fixed_accuracy"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for index, (label, cells) in enumerate(report["exits"].items()):
+        colour, marker = f"C{index}", "osD^vP*X"[index % 8]
+        left.plot(
+            difficulties, [cells[str(d)]["mean_loops"] for d in difficulties], marker=marker, color=colour, label=label
+        )
+        right.plot(cells["all"]["mean_loops"], cells["all"]["accuracy"], marker, color=colour, ms=9, label=label)
+    max_loops = report["settings"]["max_loops"]
+    loops = range(1, max_loops + 1)
+    mean_fixed = [sum(report["fixed_accuracy"][str(d)][r - 1] for d in difficulties) / len(difficulties) for r in loops]
+    right.plot(loops, mean_fixed, color="black", linewidth=1.5, label="fixed loops")
+    left.axhline(max_loops, color="grey", linestyle=":", linewidth=1, label=f"max loops ({max_loops})")
+    left.set_xscale("log", base=2)
+    left.set_xticks(difficulties, [str(d) for d in difficulties])
+    left.set_xlabel("difficulty: non-zero elements (of 32)")
+    left.set_ylabel("mean loops used")
+    left.set_ylim(0, max_loops * 1.05)
+    left.set_title("loops used by zero-shot exits")
+    right.set_xscale("log", base=2)
+    ticks = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r <= max_loops]
+    right.set_xticks(ticks, [str(r) for r in ticks])
+    right.set_xlabel("loops (exits: mean over all examples)")
+    right.set_ylabel("accuracy (%), mean over difficulties")
+    lowest = min(mean_fixed + [c["all"]["accuracy"] for c in report["exits"].values()])
+    right.set_ylim(min(40, lowest - 5), 101)
+    right.set_title("accuracy vs compute: exits (markers) vs fixed loops (line)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"vector parity, {report['settings']['count']} examples per difficulty", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=6.0, help="training budget (calibration included)")
+    parser.add_argument("--ckpt", type=Path, help="evaluate this trained run instead of training one")
+    parser.add_argument("--out", type=Path, help="training run directory (default: a new temporary directory)")
+    parser.add_argument("--difficulties", default="2,4,8,16,32", help="non-zero element counts, comma-separated")
+    parser.add_argument("--count", type=int, default=256, help="examples per difficulty")
+    parser.add_argument("--max-loops", type=int, default=64)
+    parser.add_argument("--exit", action="append", default=[], help="extra rule CRITERION[:THRESHOLD] (repeatable)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        args.difficulties = [int(d) for d in args.difficulties.split(",")]
+    except ValueError:
+        fail(f"--difficulties must be comma-separated integers, got {args.difficulties!r}")
+    for difficulty in args.difficulties:
+        get_task(TASK).check_difficulty(difficulty)
+    if not args.minutes > 0:
+        fail(f"--minutes must be > 0, got {args.minutes}")
+    if args.count < 1 or args.max_loops < 2:
+        fail(f"--count must be >= 1 and --max-loops >= 2, got {args.count} and {args.max_loops}")
+    return args
+
+
+def main() -> None:
+    try:
+        args = parse_args()
+        rules = [ExitRule(name, threshold, max_steps=args.max_loops) for name, threshold in EXIT_CRITERIA.items()]
+        for text in args.exit:
+            rule = parse_exit_rule(text, max_steps=args.max_loops)
+            if rule.label not in {r.label for r in rules}:
+                rules.append(rule)
+        started = time.perf_counter()
+        torch.manual_seed(args.seed)
+        training = None
+        run = args.ckpt
+        if run is None:
+            run, training = train(args)
+        model, state, directory = load_trained_model(run, use_ema=True)
+        task = (state.meta.get("train_config") or {}).get("task")
+        if task != TASK or not state.tokenizer_json:
+            fail(f"{directory} is not a {TASK} run (its task is {task!r})")
+        encoder = TaskEncoder(TextTokenizer.from_json(state.tokenizer_json, str(directory)))
+        report = study(model, encoder, rules, args)
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "ckpt", "out")}
+        report.update(settings=settings, checkpoint=str(directory), training=training, step=state.step)
+        report["rules"] = [dataclasses.asdict(rule) for rule in rules]
+        report["machine"] = {"platform": platform.platform(), "torch": torch.__version__}
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        print(tables(report))
+        print(f"\n{report['seconds']:.0f} s in all; checkpoint {directory} (step {state.step})")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        if args.plot:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            plot(report, args.plot)
+    except (LoopformerError, OSError) as exc:
+        fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Inference-time tools for looped models: zero-shot early-exit criteria."""

@@ -1,0 +1,62 @@
+"""`loopformer demo`: a reduced run in the default suite, the full 10-minute run with its targets behind `slow`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopformer.cli import main
+
+
+def run_demo(tmp_path: Path, capsys, *args: str) -> tuple[dict, str]:
+    torch.set_num_threads(2)  # the demo's budget is wall-clock time; the suite's fixture restores the setting
+    out, results, plot = tmp_path / "runs", tmp_path / "results.json", tmp_path / "accuracy.png"
+    argv = ["demo", "--out", str(out), "--json", str(results), "--plot", str(plot), "--no-progress", *args]
+    assert main(argv) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for kind in ("looped", "param-matched", "compute-matched"):
+        assert (out / kind / "checkpoints" / "latest").exists()
+    return json.loads(results.read_text()), capsys.readouterr().out
+
+
+def test_reduced_demo_prints_the_table_and_the_looped_model_beats_chance(tmp_path, capsys) -> None:
+    report, stdout = run_demo(tmp_path, capsys, "--budget-minutes", "1.5", "--eval-count", "64", "--loops", "1,8,32")
+    assert report["task"] == "prefix-parity" and report["difficulties"] == [8, 16, 32, 64, 128]
+    kinds = [m["kind"] for m in report["models"]]
+    assert kinds == ["looped", "param-matched", "compute-matched"]
+    looped, param, compute = report["models"]
+    assert looped["loops"] == [1, 8, 32] and param["loops"] == compute["loops"] == [1]
+    assert param["parameters"] == looped["parameters"] < compute["parameters"]
+    for model in report["models"]:
+        assert set(model["accuracy"]) == {"8", "16", "32", "64", "128"}
+        assert all(len(row) == len(model["loops"]) for row in model["accuracy"].values())
+    header = next(line for line in stdout.splitlines() if line.startswith("length"))
+    assert header.split() == ["length", "r=1", "r=8", "r=32", "param-matched", "compute-matched"]
+    rows = [line.split() for line in stdout.splitlines() if line.split()[:2] in (["8", "(1x)"], ["128", "(16x)"])]
+    assert len(rows) == 2 and all(len(row) == 2 + 3 + 2 for row in rows)
+    # exact match on 8 random bits by chance is 2^-8 = 0.4%; 3% is 2 of the 64 examples
+    assert max(looped["accuracy"]["8"]) >= 3.0
+    stability = report["stability"]
+    assert stability["difficulty"] == 32 and stability["loops"] == 1024 and stability["state_rms"] > 0
+
+
+def test_demo_refuses_a_non_empty_out_directory(tmp_path, capsys) -> None:
+    (tmp_path / "keep.txt").write_text("user data")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.slow
+def test_full_demo_meets_the_depth_extrapolation_targets(tmp_path, capsys) -> None:
+    report, _ = run_demo(tmp_path, capsys)
+    assert report["seconds"] <= 10 * 60 * 1.05
+    looped, *baselines = report["models"]
+    best = {int(d): max(row) for d, row in looped["accuracy"].items()}
+    assert best[8] >= 99.0 and best[32] >= 95.0
+    for baseline in baselines:
+        assert all(row[0] <= 5.0 for d, row in baseline["accuracy"].items() if int(d) > 8)
+    assert report["stability"]["accuracy"] >= report["stability"]["best_accuracy"] - 1.0
