@@ -178,3 +178,18 @@ def test_ema_applied_swaps_in_and_restores() -> None:
         raise RuntimeError("evaluation failed")
     assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
     assert set(ema.state_dict()) == set(original)
+
+
+def test_ema_warmup_forgets_the_initial_weights_in_short_runs() -> None:
+    model = torch.nn.Linear(2, 2, bias=False)
+    ema = EMA(model, decay=0.995)
+    assert ema.decay_at(None) == 0.995 and ema.decay_at(1) == pytest.approx(2 / 11)
+    assert ema.decay_at(10_000) == 0.995  # the warm-up only caps the decay early on
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    start = ema.state_dict()["weight"].clone()
+    for updates in range(1, 301):
+        ema.update(model, updates=updates)
+    # the plain decay would keep 0.995**300 = 22% of the initial weights; the warm-up keeps far less
+    remaining = (1.0 - ema.state_dict()["weight"]) / (1.0 - start)
+    assert float(remaining.abs().max()) < 0.05

@@ -214,7 +214,7 @@ def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 6) 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update(model)
+            ema.update(model, updates=step + 1)
         if step > 0:  # the first step pays one-off allocation costs
             elapsed += time.perf_counter() - start
         width = max(width, batch.input_ids.shape[1])

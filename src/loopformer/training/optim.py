@@ -182,12 +182,19 @@ class EMA:
             raise InputError("The model's parameters do not match the ones this EMA was created for.")
         return [self.shadow[name] for name, _ in params], [p for _, p in params]
 
+    def decay_at(self, updates: int | None) -> float:
+        """The decay of update number ``updates`` (1-based): ``min(decay, (1 + n) / (10 + n))``, so the first
+        updates forget the initial weights quickly; ``None`` means the plain ``decay``."""
+        return self.decay if updates is None else min(self.decay, (1 + updates) / (10 + updates))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move every average towards the current weights: ``ema += (1 - decay) * (param - ema)``."""
+    def update(self, model: nn.Module, updates: int | None = None) -> None:
+        """Move every average towards the current weights: ``ema += (1 - d) * (param - ema)``, with
+        ``d = decay_at(updates)`` (the trainer passes its step count, so short runs are not dominated by the
+        random initial weights)."""
         shadows, params = self._pairs(model)
         sources = [p.detach().float() for p in params]
-        torch._foreach_lerp_(shadows, sources, 1.0 - self.decay)
+        torch._foreach_lerp_(shadows, sources, 1.0 - self.decay_at(updates))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Name -> fp32 average (the live tensors; clone them to keep a snapshot)."""

@@ -323,7 +323,7 @@ class Trainer:
         if not skipped:
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self.model, updates=self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.step_shape[0]
