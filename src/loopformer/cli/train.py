@@ -167,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
     result = trainer.fit()
     if result.evaluation and trainer.dist.is_main:
         from loopformer.evaluation.perplexity import format_depth_table
+        from loopformer.tasks.evaluate import format_accuracy_table
 
-        print(format_depth_table(result.evaluation))
+        table = format_accuracy_table if train_config.is_task else format_depth_table
+        print(table(result.evaluation))
     return 0
 
 
