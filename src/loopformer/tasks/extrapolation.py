@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -187,11 +188,11 @@ def _model_config(recipe: Recipe, kind: str) -> ModelConfig:
 
 
 def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 6) -> float:
-    """Expected wall time of one optimizer step, data generation included.
+    """Expected wall time of one optimizer step, data generation and EMA update included.
 
-    ``probe`` steps run at evenly spaced quantiles of the depth sampler (after one warm-up step); their mean
-    time is rescaled by the sampler's expected FLOPs over the probes' mean FLOPs, which removes the effect of
-    which depths the probes happened to use.
+    ``probe`` steps run at evenly spaced quantiles of the depth sampler (after one warm-up step). Each gives a
+    time per training FLOP; their median (robust to a step slowed by something else on the machine) times the
+    sampler's expected FLOPs per step is the estimate.
     """
     train = recipe.train
     task = get_task(recipe.task)
@@ -204,7 +205,7 @@ def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 6) 
     rec = model_config.recurrence
     draws = sorted(sample_depths(rec, 4096, torch.Generator().manual_seed(0)).tolist())
     depths = [draws[len(draws) // 2]] + [draws[int((i + 0.5) / probe * len(draws))] for i in range(probe)]
-    elapsed, width = 0.0, 1
+    rates, width = [], 1
     for step, depth in enumerate(depths):
         start = time.perf_counter()
         batch = encoder.batch(task.generate_mixed(low, high, train.batch_size, seed=step))
@@ -215,16 +216,12 @@ def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 6) 
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model, updates=step + 1)
-        if step > 0:  # the first step pays one-off allocation costs
-            elapsed += time.perf_counter() - start
         width = max(width, batch.input_ids.shape[1])
-
-    def flops(r: int) -> float:
-        return training_flops_per_token(model_config, r, rec.backprop_depth, width)
-
-    probed = sum(flops(r) for r in depths[1:]) / probe
-    expected = sum(flops(r) for r in draws) / len(draws)
-    return elapsed / probe * expected / probed
+        if step > 0:  # the first step pays one-off allocation costs
+            flops = training_flops_per_token(model_config, depth, rec.backprop_depth, width)
+            rates.append((time.perf_counter() - start) / flops)
+    expected = sum(training_flops_per_token(model_config, r, rec.backprop_depth, width) for r in draws) / len(draws)
+    return statistics.median(rates) * expected
 
 
 def _evaluation_weights(trainer: Trainer) -> contextlib.AbstractContextManager:
