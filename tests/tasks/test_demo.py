@@ -23,7 +23,7 @@ def run_demo(tmp_path: Path, capsys, *args: str) -> tuple[dict, str]:
 
 
 def test_reduced_demo_prints_the_table_and_the_looped_model_beats_chance(tmp_path, capsys) -> None:
-    report, stdout = run_demo(tmp_path, capsys, "--budget-minutes", "1.5", "--eval-count", "64", "--loops", "1,8,32")
+    report, stdout = run_demo(tmp_path, capsys, "--budget-minutes", "2", "--eval-count", "128", "--loops", "1,8,32")
     assert report["task"] == "prefix-parity" and report["difficulties"] == [8, 16, 32, 64, 128]
     kinds = [m["kind"] for m in report["models"]]
     assert kinds == ["looped", "param-matched", "compute-matched"]
@@ -37,8 +37,8 @@ def test_reduced_demo_prints_the_table_and_the_looped_model_beats_chance(tmp_pat
     assert header.split() == ["length", "r=1", "r=8", "r=32", "param-matched", "compute-matched"]
     rows = [line.split() for line in stdout.splitlines() if line.split()[:2] in (["8", "(1x)"], ["128", "(16x)"])]
     assert len(rows) == 2 and all(len(row) == 2 + 3 + 2 for row in rows)
-    # exact match on 8 random bits by chance is 2^-8 = 0.4%; 3% is 2 of the 64 examples
-    assert max(looped["accuracy"]["8"]) >= 3.0
+    # exact match on 8 random bits by chance is 2^-8 = 0.4% (0.5 of 128 examples); 2.3% is 3 of them
+    assert max(looped["accuracy"]["8"]) >= 2.3
     stability = report["stability"]
     assert stability["difficulty"] == 32 and stability["loops"] == 1024 and stability["state_rms"] > 0
 
