@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from loopformer.cli import main
 
 
-def run_demo(tmp_path: Path, capsys, *args: str) -> tuple[dict, str]:
-    torch.set_num_threads(2)  # the demo's budget is wall-clock time; the suite's fixture restores the setting
+def run_demo(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """The demo as a user runs it: a fresh process with the default threads (its budget is wall-clock time)."""
     out, results, plot = tmp_path / "runs", tmp_path / "results.json", tmp_path / "accuracy.png"
     argv = ["demo", "--out", str(out), "--json", str(results), "--plot", str(plot), "--no-progress", *args]
-    assert main(argv) == 0
+    done = subprocess.run([sys.executable, "-m", "loopformer", *argv], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for kind in ("looped", "param-matched", "compute-matched"):
         assert (out / kind / "checkpoints" / "latest").exists()
-    return json.loads(results.read_text()), capsys.readouterr().out
+    return json.loads(results.read_text()), done.stdout
 
 
-def test_reduced_demo_prints_the_table_and_the_looped_model_beats_chance(tmp_path, capsys) -> None:
-    report, stdout = run_demo(tmp_path, capsys, "--budget-minutes", "2", "--eval-count", "128", "--loops", "1,8,32")
+def test_reduced_demo_prints_the_table_and_the_looped_model_beats_chance(tmp_path) -> None:
+    report, stdout = run_demo(tmp_path, "--budget-minutes", "2", "--eval-count", "128", "--loops", "1,8,32")
     assert report["task"] == "prefix-parity" and report["difficulties"] == [8, 16, 32, 64, 128]
     kinds = [m["kind"] for m in report["models"]]
     assert kinds == ["looped", "param-matched", "compute-matched"]
@@ -51,8 +53,8 @@ def test_demo_refuses_a_non_empty_out_directory(tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_full_demo_meets_the_depth_extrapolation_targets(tmp_path, capsys) -> None:
-    report, _ = run_demo(tmp_path, capsys)
+def test_full_demo_meets_the_depth_extrapolation_targets(tmp_path) -> None:
+    report, _ = run_demo(tmp_path)
     assert report["seconds"] <= 10 * 60 * 1.05
     looped, *baselines = report["models"]
     best = {int(d): max(row) for d, row in looped["accuracy"].items()}
