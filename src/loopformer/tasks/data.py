@@ -125,7 +125,8 @@ def prepare_task_data(config: TrainConfig, tokenizer: TextTokenizer | None = Non
         if config.eval_data is not None:
             eval_examples = read_task_file(config.eval_data)
         else:
-            difficulty = config.eval_difficulty or 2 * bounds[1]
+            default = 2 * bounds[1] if task.max_difficulty is None else min(2 * bounds[1], task.max_difficulty)
+            difficulty = config.eval_difficulty or default
             task.check_difficulty(difficulty)
             eval_examples = task.generate(difficulty, config.batch_size * config.eval_batches, seed=config.seed + 1)
         encoder.check(eval_examples, config.eval_data or f"{task.name} evaluation")

@@ -63,7 +63,7 @@ class Recipe:
     @property
     def train_difficulty(self) -> int:
         """The hardest training difficulty: the unit of the evaluation multiples."""
-        return int(self.train.task_difficulty.partition("-")[2] or self.train.task_difficulty)
+        return parse_difficulty_range(self.train.task_difficulty)[1]
 
 
 def _windowed_model(window: int, mean_steps: int, backprop_depth: int, n_core: int = 1) -> ModelConfig:
