@@ -72,6 +72,9 @@ class LoopLM(nn.Module):
         self.coda = nn.ModuleList(Layer(config) for _ in range(config.n_coda))
         self.final_norm = RMSNorm(config.dim, config.norm_eps)
         self.head = None if config.tie_embeddings else LoopLinear(config.dim, config.vocab_size)
+        for part in ("prelude", "core", "coda"):
+            for index, layer in enumerate(getattr(self, part)):
+                layer.attn.cache_role = (part, index)
         self._uses_slots = config.lora_rank > 0 or config.loop_embedding == "learned"
         self.reset_parameters(generator)
 
@@ -163,6 +166,7 @@ class LoopLM(nn.Module):
         cfg = self.config
         slot = loop_slot(index, cfg.per_loop_slots, cfg.loop_overflow) if self._uses_slots else None
         x = self.injection(state, e).to(state.dtype)  # the residual stream keeps the state's dtype
+        ctx = ctx.at_iteration(index)
         if self.loop_embedding is not None:
             x = self.loop_embedding(x, index, slot)
         for layer in self.core:
@@ -241,13 +245,14 @@ class LoopLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         checkpoint_steps: bool = False,
         on_state: StateVisitor | None = None,
+        initial_state: torch.Tensor | None = None,
     ) -> LoopOutput:
         """Logits (and loss if ``labels``) for ``input_ids`` [B, T].
 
         ``num_steps``: core iterations, an int >= 1 or a [B] tensor. If None, training mode draws it
         from the configured sampler (with ``depth_generator``) and eval mode uses ``mean_steps``.
         ``backprop_depth``: iterations with gradient; in training mode it defaults to the config's.
-        ``generator`` / ``seed``: the random initial state's source.
+        ``generator`` / ``seed``: the random initial state's source; ``initial_state`` [B, T, D] replaces it.
         ``attention_mask``: see :meth:`context`; ``checkpoint_steps`` and ``on_state``: see :meth:`recur`.
         """
         if input_ids.dim() != 2:
@@ -259,7 +264,12 @@ class LoopLM(nn.Module):
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         ctx = self.context(input_ids, attention_mask=attention_mask)
         e = self.embed(input_ids, ctx)
-        state = self.init_state(e, generator)
+        if initial_state is None:
+            state = self.init_state(e, generator)
+        elif initial_state.shape != e.shape:
+            raise InputError(f"initial_state must have shape {tuple(e.shape)}, got {tuple(initial_state.shape)}.")
+        else:
+            state = initial_state.to(self.tok_emb.weight.dtype)
         state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, on_state)
         logits = self.decode(state, ctx)
         loss = lm_loss(logits, labels) if labels is not None else None

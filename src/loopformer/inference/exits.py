@@ -161,6 +161,18 @@ class ExitTracker:
         self.last_value: torch.Tensor | None = None  # the latest quantity (NaN without a previous)
         self.first_exit: torch.Tensor | None = None
 
+    def select(self, keep: torch.Tensor) -> None:
+        """Track only the positions ``keep`` (indices along the first leading dimension) from now on.
+
+        The inference engine calls this when rows exit, so the remaining rows are tracked without recomputing.
+        """
+        for name in ("_previous", "_stable", "last_value", "first_exit"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[keep])
+        if self._shape is not None:
+            self._shape = torch.Size((keep.numel(), *self._shape[1:]))
+
     def _input(self, state: torch.Tensor | None, logits: torch.Tensor | None) -> torch.Tensor:
         source = logits if self.needs_logits else state
         if source is None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,17 +15,48 @@ from loopformer.nn.norm import RMSNorm
 from loopformer.nn.rope import apply_rope, rope_angles
 
 
+class KVExchange(Protocol):
+    """A KV cache pass as attention sees it (implemented by ``loopformer.inference.cache.KVPass``)."""
+
+    def exchange(
+        self, role: str, layer: int, iteration: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys / values [B, T, H, D]; return every visible key / value, [B, H, S, D]."""
+        ...
+
+    def select(self, keep: torch.Tensor) -> KVExchange:
+        """The pass restricted to a subset of its rows."""
+        ...
+
+
 @dataclass
 class AttentionContext:
-    """What every attention layer of one forward pass shares: RoPE angles and the mask.
+    """What every attention layer of one forward pass shares: RoPE angles, the mask and the KV cache.
 
-    ``mask`` is a boolean tensor broadcastable to [B, H, T, S] (True = may attend), or ``None``
-    for plain causal attention over the same T positions.
+    ``mask`` is a boolean tensor broadcastable to [B, H, T, S] (True = may attend). Without a cache,
+    ``None`` means plain causal attention over the same T positions; with a cache (incremental decoding)
+    it means every query sees every key the cache returns. ``iteration`` is the core iteration running
+    (it picks the cache slot of core layers).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
+    cache: KVExchange | None = None
+    iteration: int = 0
+
+    def at_iteration(self, iteration: int) -> AttentionContext:
+        """This context for core iteration ``iteration`` (only a cached pass needs to know it)."""
+        return self if self.cache is None else replace(self, iteration=iteration)
+
+    def select(self, keep: torch.Tensor) -> AttentionContext:
+        """The context of a subset of the batch rows (``keep``: row indices)."""
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.shape[0] == 1 else t[keep]
+
+        cache = None if self.cache is None else self.cache.select(keep)
+        return AttentionContext(rows(self.cos), rows(self.sin), rows(self.mask), cache, self.iteration)
 
     @classmethod
     def for_sequence(
@@ -61,6 +93,7 @@ class Attention(nn.Module):
         else:
             self.register_parameter("q_bias", None)
             self.register_parameter("k_bias", None)
+        self.cache_role: tuple[str, int] = ("prelude", 0)  # (part, index) of this layer, set by the model
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
@@ -76,12 +109,16 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, ctx.cos, ctx.sin, self.rope_style)
         k = apply_rope(k, ctx.cos, ctx.sin, self.rope_style)
+        if ctx.cache is not None:
+            k, v = ctx.cache.exchange(*self.cache_role, ctx.iteration, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
+            k,
+            v,
             attn_mask=ctx.mask,
-            is_causal=ctx.mask is None,
+            is_causal=ctx.mask is None and ctx.cache is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.out(y.transpose(1, 2).reshape(batch, seq, -1), slot)

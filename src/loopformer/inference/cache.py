@@ -1,0 +1,287 @@
+"""KV cache for incremental decoding of a looped model: preallocated tensors and slot policies.
+
+Storage is allocated once per generation, shaped ``[layers, (slots,) batch, kv_heads, capacity, head_dim]`` for
+keys and values; nothing is concatenated or re-stacked per token. Prelude and coda layers have one slot each.
+A core layer runs once per iteration, and the *slot policy* maps iteration ``i`` to a physical slot:
+
+* ``full``: slot ``i`` (every iteration keeps its own entries; needs one slot per iteration that can run);
+* ``ring:k``: slot ``i mod k`` (Huginn's KV sharing with a budget of k iterations);
+* ``last``: slot 0 (one slot per core layer, overwritten at every iteration).
+
+Every row keeps its own length, so rows can grow at different speeds (speculative decoding accepts a different
+number of tokens per row) and rolling back is only a length change. Per column the cache records whether it
+holds a real token (padding does not), its RoPE position, and how many core iterations its token completed.
+
+**Fallback for tokens that exited early.** A query at iteration ``i`` reads, for each earlier token, that token's
+entry of iteration ``min(i, depth - 1)`` under the policy: its own entry of iteration ``i`` when it got that far,
+otherwise the latest entry it wrote for the same core layer (slot ``policy(depth - 1)``). The gather runs only
+when some visible token is shallower than the current iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loopformer.config import ModelConfig
+from loopformer.errors import InputError
+
+POLICY_FORMS = "'full', 'last' or 'ring:K' with K >= 1"
+_UNBOUNDED = torch.iinfo(torch.long).max // 2  # the depth of a column written in the current pass
+
+
+@dataclass(frozen=True)
+class SlotPolicy:
+    """Which physical slot a core iteration's keys and values live in (see the module docstring)."""
+
+    kind: str
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("full", "ring", "last"):
+            raise InputError(f"unknown KV slot policy {self.kind!r}; use {POLICY_FORMS}.")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise InputError(f"the ring size of a KV slot policy must be an integer >= 1, got {self.size!r}.")
+
+    @property
+    def label(self) -> str:
+        """The policy in the form :func:`parse_slot_policy` reads."""
+        return f"ring:{self.size}" if self.kind == "ring" else self.kind
+
+    def slots(self, max_steps: int) -> int:
+        """Physical slots per core layer when at most ``max_steps`` iterations run."""
+        if self.kind == "full":
+            return max_steps
+        return self.size if self.kind == "ring" else 1
+
+    def slot(self, iteration: int) -> int:
+        """The slot of 0-based iteration ``iteration``."""
+        if self.kind == "full":
+            return iteration
+        return iteration % self.size if self.kind == "ring" else 0
+
+    def slot_of(self, iterations: torch.Tensor) -> torch.Tensor:
+        """:meth:`slot`, elementwise over a tensor of iterations."""
+        if self.kind == "full":
+            return iterations
+        return iterations % self.size if self.kind == "ring" else torch.zeros_like(iterations)
+
+
+def parse_slot_policy(text: str | SlotPolicy) -> SlotPolicy:
+    """A :class:`SlotPolicy` from ``full``, ``last`` or ``ring:K``."""
+    if isinstance(text, SlotPolicy):
+        return text
+    name, sep, number = str(text).strip().lower().partition(":")
+    if name == "ring" and sep:
+        try:
+            return SlotPolicy("ring", int(number))
+        except ValueError:
+            raise InputError(f"KV slot policy {text!r} needs an integer ring size, e.g. ring:4.") from None
+    if name in ("full", "last") and not sep:
+        return SlotPolicy(name)
+    raise InputError(f"unknown KV slot policy {text!r}; use {POLICY_FORMS}.")
+
+
+def cache_bytes(
+    config: ModelConfig,
+    policy: SlotPolicy | str,
+    tokens: int,
+    max_steps: int,
+    batch_size: int = 1,
+    element_bytes: int = 4,
+) -> int:
+    """Bytes of keys and values a cache holds for ``tokens`` tokens per row at up to ``max_steps`` iterations."""
+    policy = parse_slot_policy(policy)
+    layers_written = config.n_prelude + config.n_coda + config.n_core * policy.slots(max_steps)
+    return layers_written * 2 * config.n_kv_heads * config.head_dim * element_bytes * tokens * batch_size
+
+
+class KVCache:
+    """Preallocated keys and values for ``batch_size`` rows of up to ``capacity`` columns each."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        policy: SlotPolicy | str = "full",
+        max_steps: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.policy = parse_slot_policy(policy)
+        steps = config.recurrence.mean_steps if max_steps is None else max_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InputError(f"the cache's max_steps must be an integer >= 1, got {max_steps!r}.")
+        if capacity < 1 or batch_size < 1:
+            raise InputError(f"a KV cache needs batch_size >= 1 and capacity >= 1, got {batch_size} and {capacity}.")
+        self.config, self.batch_size, self.capacity, self.max_steps = config, batch_size, capacity, steps
+        self.n_slots = self.policy.slots(steps)
+        entry = (batch_size, config.n_kv_heads, capacity, config.head_dim)
+        device = torch.device(device or "cpu")
+
+        def alloc(*lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(torch.zeros(*lead, *entry, device=device, dtype=dtype) for _ in range(2))
+
+        self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
+            "prelude": alloc(config.n_prelude),
+            "core": alloc(config.n_core, self.n_slots),
+            "coda": alloc(config.n_coda),
+        }
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.depth = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lengths.device
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value tensors."""
+        return sum(t.numel() * t.element_size() for pair in self.store.values() for t in pair)
+
+    def next_positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """The RoPE position the next token of each row gets: one past its last real token."""
+        last = (self.lengths[rows] - 1).clamp_min(0)
+        previous = self.positions[rows, last] + 1
+        return torch.where(self.lengths[rows] > 0, previous, torch.zeros_like(previous))
+
+    def begin(self, rows: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None = None) -> KVPass:
+        """Start a pass that writes ``positions.shape[1]`` new columns after each row's committed length.
+
+        ``rows`` [b] are batch indices, ``positions`` [b, T] the new tokens' RoPE positions and ``real`` [b, T]
+        whether each new column holds a token (False = padding). Nothing is committed until :meth:`commit`.
+        """
+        count = positions.shape[1]
+        starts = self.lengths[rows]
+        end = int(starts.max()) + count
+        if end > self.capacity:
+            raise InputError(f"the KV cache holds {self.capacity} tokens per row; this pass needs {end}.")
+        columns = starts[:, None] + torch.arange(count, device=self.device)
+        real = torch.ones_like(positions, dtype=torch.bool) if real is None else real
+        self.valid[rows[:, None], columns] = real
+        self.positions[rows[:, None], columns] = positions
+        return KVPass(self, rows, columns, end)
+
+    def commit(self, rows: torch.Tensor, counts: torch.Tensor, depths: torch.Tensor) -> None:
+        """Keep the first ``counts[j]`` columns of the last pass for row ``rows[j]``; forget the rest.
+
+        ``depths`` [b, T] are the core iterations each new token completed (kept for the early-exit fallback).
+        """
+        starts = self.lengths[rows]
+        columns = starts[:, None] + torch.arange(depths.shape[1], device=self.device)
+        kept = torch.arange(depths.shape[1], device=self.device)[None] < counts[:, None]
+        self.depth[rows[:, None], columns] = torch.where(kept, depths, 0)
+        self.truncate(rows, starts + counts)
+
+    def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Roll rows back to ``lengths`` committed columns (everything after them is forgotten)."""
+        self.lengths[rows] = lengths
+        beyond = torch.arange(self.capacity, device=self.device)[None] >= lengths[:, None]
+        self.valid[rows] &= ~beyond
+
+    def rows_snapshot(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Bookkeeping of ``rows`` (lengths, validity, positions, depths), for tests and inspection."""
+        return {
+            "lengths": self.lengths[rows].clone(),
+            "valid": self.valid[rows].clone(),
+            "positions": self.positions[rows].clone(),
+            "depth": self.depth[rows].clone(),
+        }
+
+
+class KVPass:
+    """One pass's view of the cache: which rows and new columns it writes, and the attention mask it implies.
+
+    Attention layers call :meth:`exchange` with their new keys and values; it writes them and returns every
+    visible key and value of the pass's rows (with the early-exit fallback applied for core layers).
+    """
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, columns: torch.Tensor, end: int) -> None:
+        self.cache, self.rows, self.columns, self.end = cache, rows, columns, end
+        self.all_rows = rows.numel() == cache.batch_size and bool(
+            (rows == torch.arange(rows.numel(), device=rows.device)).all()
+        )
+        self.mask = self._mask()
+        depth = cache.depth[rows, :end].clone()
+        depth[torch.arange(rows.numel(), device=rows.device)[:, None], columns] = _UNBOUNDED
+        visible = cache.valid[rows, :end]
+        self.read_depth = depth
+        self.shallowest = int(depth[visible].min()) if bool(visible.any()) else _UNBOUNDED
+
+    def _mask(self) -> torch.Tensor | None:
+        """[b, 1, T, end] boolean mask (True = may attend), or None when every query sees every column."""
+        cache, rows, columns, end = self.cache, self.rows, self.columns, self.end
+        key_valid = cache.valid[rows, :end]
+        key_pos = cache.positions[rows, :end]
+        query_pos = cache.positions[rows[:, None], columns]
+        window = cache.config.sliding_window
+        count = columns.shape[1]
+        uniform = bool((columns[:, -1] == end - 1).all())
+        if count == 1 and uniform and bool(key_valid.all()) and (window is None or end <= window):
+            return None
+        key_column = torch.arange(end, device=rows.device)
+        mask = key_valid[:, None, :] & (key_column[None, None, :] <= columns[:, :, None])
+        if window is not None:
+            mask &= query_pos[:, :, None] - key_pos[:, None, :] < window
+        own = key_column[None, None, :] == columns[:, :, None]
+        mask |= own & ~mask.any(dim=-1, keepdim=True)  # a padding query sees itself, so its output stays finite
+        return mask[:, None]
+
+    def select(self, keep: torch.Tensor) -> KVPass:
+        """The same pass restricted to the rows ``keep`` (indices into this pass's rows)."""
+        view = object.__new__(KVPass)
+        view.cache, view.end = self.cache, self.end
+        view.rows, view.columns = self.rows[keep], self.columns[keep]
+        view.all_rows = False
+        view.mask = None if self.mask is None else self.mask[keep]
+        view.read_depth = self.read_depth[keep]
+        visible = self.cache.valid[view.rows, : self.end]
+        view.shallowest = int(view.read_depth[visible].min()) if bool(visible.any()) else _UNBOUNDED
+        return view
+
+    def exchange(
+        self, role: str, layer: int, iteration: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``keys`` / ``values`` [b, T, H, D] of the new columns; return all visible ones, [b, H, end, D]."""
+        store_k, store_v = self.cache.store[role]
+        store_k, store_v = store_k[layer], store_v[layer]
+        slot = None
+        if role == "core":
+            policy = self.cache.policy
+            slot = policy.slot(iteration)
+            if slot >= self.cache.n_slots:
+                raise InputError(
+                    f"the 'full' KV cache holds {self.cache.n_slots} iterations; iteration {iteration + 1} does "
+                    "not fit (allocate the cache with a larger max_steps)."
+                )
+            store_k, store_v = store_k[slot], store_v[slot]
+        index = self.rows[:, None]
+        store_k[index, :, self.columns] = keys.to(store_k.dtype)
+        store_v[index, :, self.columns] = values.to(store_v.dtype)
+        if self.all_rows:
+            out_k, out_v = store_k[:, :, : self.end], store_v[:, :, : self.end]
+        else:
+            out_k, out_v = store_k[self.rows, :, : self.end], store_v[self.rows, :, : self.end]
+        if slot is not None and self.cache.policy.kind != "last" and iteration >= self.shallowest:
+            out_k, out_v = self._fallback(layer, iteration, slot, out_k, out_v)
+        return out_k, out_v
+
+    def _fallback(
+        self, layer: int, iteration: int, slot: int, out_k: torch.Tensor, out_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the entries of tokens shallower than ``iteration`` by their latest ones (module docstring)."""
+        policy = self.cache.policy
+        source = policy.slot_of(torch.clamp(self.read_depth - 1, max=iteration).clamp_min(0))
+        stale = (source != slot) & self.cache.valid[self.rows, : self.end]
+        if not bool(stale.any()):
+            return out_k, out_v
+        local, column = stale.nonzero(as_tuple=True)
+        slots, rows = source[local, column], self.rows[local]
+        all_k, all_v = self.cache.store["core"]
+        out_k, out_v = out_k.clone(), out_v.clone()
+        out_k[local, :, column] = all_k[layer][slots, rows, :, column]
+        out_v[local, :, column] = all_v[layer][slots, rows, :, column]
+        return out_k, out_v

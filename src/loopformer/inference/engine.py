@@ -1,0 +1,476 @@
+"""The generation engine: prefill, batched decoding with per-row early exit, warm start, streaming, scoring.
+
+Everything runs on the model's step interface (``embed`` / ``step`` / ``decode``) with a :class:`KVCache`
+attached to the attention context. One *pass* feeds new tokens for a set of rows:
+
+* embed them (the prelude writes its cache entries), start their states, run the core;
+* with an exit rule (single-token passes), check the rule after every iteration; rows that exit leave the batch
+  (their state is kept) and the remaining rows are **compacted**: later iterations compute only active rows;
+* decode every row's final state once (the coda writes its entries), commit the new columns.
+
+Initial states are a fixed function of the token's position (a table drawn once from ``state_seed``), so a row's
+result does not depend on its batch, on padding or on how tokens are grouped into passes (speculative decoding).
+Warm start ("continuous compute") instead starts each new token from the final state of the row's previous token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from loopformer.errors import InputError
+from loopformer.inference.cache import KVCache, SlotPolicy, parse_slot_policy
+from loopformer.inference.exits import ExitRule, ExitTracker, parse_exit_rule
+from loopformer.inference.sampling import SamplingConfig, choose_tokens
+from loopformer.inference.text import TextStream
+from loopformer.model import LoopLM
+from loopformer.nn.attention import AttentionContext
+from loopformer.nn.rope import rope_angles
+from loopformer.training.tokenizer import TextTokenizer
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What one generation call does. ``loops`` is the core iteration count per token (the ceiling when an
+    ``exit`` rule is set); None means the model's ``mean_steps``.
+
+    ``exit``: a rule or ``"criterion[:threshold]"`` (see :mod:`loopformer.inference.exits`); ``kv``: ``full``,
+    ``last`` or ``ring:K``; ``warm_start``: continuous compute; ``speculative``: ``(draft_loops, lookahead)``;
+    ``stop_tokens``: None means the tokenizer's end-of-sequence token; ``compaction=False`` keeps exited rows in
+    the batch (masked) and exists to measure what compaction saves.
+    """
+
+    max_new_tokens: int = 64
+    loops: int | None = None
+    exit: ExitRule | str | None = None
+    kv: SlotPolicy | str = "full"
+    warm_start: bool = False
+    speculative: tuple[int, int] | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_tokens: tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()
+    state_seed: int = 0
+    compaction: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int(self.max_new_tokens, "max_new_tokens")
+        if self.loops is not None:
+            _positive_int(self.loops, "loops")
+        if isinstance(self.exit, str):
+            object.__setattr__(self, "exit", parse_exit_rule(self.exit))
+        object.__setattr__(self, "kv", parse_slot_policy(self.kv))
+        if self.speculative is not None:
+            if len(self.speculative) != 2:
+                raise InputError(f"speculative takes (draft_loops, lookahead), got {self.speculative!r}.")
+            _positive_int(self.speculative[0], "the speculative draft loops")
+            _positive_int(self.speculative[1], "the speculative lookahead")
+            if self.exit is not None:
+                raise InputError(
+                    "speculative decoding verifies at a fixed depth and cannot be combined with an exit rule."
+                )
+            if self.warm_start:
+                raise InputError("speculative decoding verifies several tokens in one pass and cannot use warm start.")
+        if not isinstance(self.sampling, SamplingConfig):
+            raise InputError("sampling must be a SamplingConfig.")
+
+
+@dataclass
+class Generation:
+    """One row's output: the new tokens, the core iterations each took, its text and why it stopped."""
+
+    tokens: list[int]
+    steps: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens or the context limit)
+
+    @property
+    def mean_steps(self) -> float:
+        return sum(self.steps) / len(self.steps) if self.steps else 0.0
+
+
+@dataclass
+class GenerationResult:
+    """All rows of a generation call, with the cache size and (speculative decoding) the acceptance rate."""
+
+    outputs: list[Generation]
+    seconds: float
+    cache_bytes: int
+    acceptance_rate: float | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(o.tokens) for o in self.outputs)
+
+    @property
+    def mean_steps(self) -> float:
+        steps = [s for o in self.outputs for s in o.steps]
+        return sum(steps) / len(steps) if steps else 0.0
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one row, as :meth:`Engine.stream` yields it; ``text`` is the printable delta."""
+
+    row: int
+    token: int | None  # None: the row's held-back text released when it finished
+    steps: int
+    text: str = ""
+
+
+@dataclass
+class PassResult:
+    """What a pass computed for its rows: logits [b, T, V], final states [b, T, D], iterations [b, T]."""
+
+    logits: torch.Tensor
+    state: torch.Tensor
+    steps: torch.Tensor
+
+
+class Session:
+    """The state of one batched generation: cache, histories, each row's next-token logits and final state."""
+
+    def __init__(self, engine: Engine, ids: torch.Tensor, real: torch.Tensor, config: GenerationConfig) -> None:
+        self.engine, self.config = engine, config
+        self.loops = engine.resolve_loops(config)
+        batch, width = ids.shape
+        extra = config.speculative[1] + 1 if config.speculative else 0
+        self.cache = KVCache(
+            engine.model.config,
+            batch,
+            width + config.max_new_tokens + extra,
+            config.kv,
+            max_steps=self.loops,
+            device=ids.device,
+            dtype=engine.state_dtype,
+        )
+        # prompt (padding = -1) followed by room for every generated token: what the repetition penalty sees
+        self.history = torch.cat((torch.where(real, ids, -1), ids.new_full((batch, config.max_new_tokens), -1)), 1)
+        self.width = width
+        self.prompt_lengths = real.sum(dim=1)
+        self.alive = torch.ones(batch, dtype=torch.bool, device=ids.device)
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.steps: list[list[int]] = [[] for _ in range(batch)]
+        self.finish: list[str] = ["length"] * batch
+        tokenizer = engine.tokenizer
+        self.streams: list[TextStream] | None = None
+        if tokenizer is not None:
+            self.streams = [
+                TextStream(tokenizer.decode, config.stop_strings, prefix_ids=[int(t) for t in ids[b][real[b]]])
+                for b in range(batch)
+            ]
+        elif config.stop_strings:
+            raise InputError("stop strings need a tokenizer (load the checkpoint with its tokenizer).")
+        stop = config.stop_tokens
+        self.stop_tokens = set(stop if stop is not None else ([tokenizer.eos_id] if tokenizer else []))
+        seed = config.sampling.seed
+        self.generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
+        rows = torch.arange(batch, device=ids.device)
+        positions = (real.long().cumsum(dim=1) - 1).clamp_min(0)
+        result = engine.run_pass(self.cache, rows, ids, positions, real, self.loops, None, None, config)
+        self.cache.commit(rows, torch.full_like(rows, width), result.steps)
+        self.logits = result.logits[:, -1].float()
+        self.last_state = result.state[:, -1]
+
+    @property
+    def alive_rows(self) -> torch.Tensor:
+        return self.alive.nonzero().squeeze(1)
+
+    def choose(self, rows: torch.Tensor) -> torch.Tensor:
+        """Next token of each row in ``rows`` from its pending logits."""
+        return choose_tokens(self.logits[rows], self.config.sampling, self.history[rows], self.generator)
+
+    def accept(self, row: int, token: int, steps: int) -> TokenEvent | None:
+        """Append a generated token to ``row``; returns its event, or None when a stop condition swallowed it."""
+        if token in self.stop_tokens:
+            self._end(row, "stop")
+            return None
+        self.tokens[row].append(token)
+        self.steps[row].append(steps)
+        self.history[row, self.width + len(self.tokens[row]) - 1] = token
+        text = ""
+        if self.streams is not None:
+            stream = self.streams[row]
+            text = stream.push(token)
+            if stream.stopped:
+                self._end(row, "stop")
+                return TokenEvent(row, token, steps, text)
+        position = int(self.prompt_lengths[row]) + len(self.tokens[row])
+        if len(self.tokens[row]) >= self.config.max_new_tokens or position >= self.engine.model.config.max_seq_len:
+            self._end(row, "length")
+        return TokenEvent(row, token, steps, text)
+
+    def _end(self, row: int, reason: str) -> None:
+        self.alive[row] = False
+        self.finish[row] = reason
+
+    def feed(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Run one single-token pass for ``rows`` and store their next-token logits and final states."""
+        positions = self.cache.next_positions(rows)[:, None]
+        start = self.last_state[rows][:, None] if self.config.warm_start else None
+        result = self.engine.run_pass(
+            self.cache, rows, tokens[:, None], positions, None, self.loops, self.config.exit, start, self.config
+        )
+        self.cache.commit(rows, torch.ones_like(rows), result.steps)
+        self.logits[rows] = result.logits[:, 0].float()
+        self.last_state[rows] = result.state[:, 0]
+        self.pending_steps = result.steps[:, 0]
+
+    def flush(self, row: int) -> str:
+        return self.streams[row].finish() if self.streams is not None else ""
+
+    def result(self, seconds: float, acceptance_rate: float | None = None) -> GenerationResult:
+        outputs = []
+        for b in range(len(self.tokens)):
+            text = self.streams[b].text if self.streams is not None else None
+            outputs.append(Generation(self.tokens[b], self.steps[b], text, self.finish[b]))
+        return GenerationResult(outputs, seconds, self.cache.nbytes(), acceptance_rate)
+
+
+class Engine:
+    """Batched generation, streaming and scoring for a :class:`LoopLM` (optionally with its tokenizer)."""
+
+    def __init__(self, model: LoopLM, tokenizer: TextTokenizer | None = None) -> None:
+        if not isinstance(model, LoopLM):
+            raise InputError("Engine needs a LoopLM.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self._noise: dict[int, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_emb.weight.device
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.model.tok_emb.weight.dtype
+
+    def resolve_loops(self, config: GenerationConfig) -> int:
+        """Core iterations per token: ``config.loops``, else the exit rule's ``max_steps``, else ``mean_steps``."""
+        if config.loops is not None:
+            return config.loops
+        if isinstance(config.exit, ExitRule) and config.exit.max_steps is not None:
+            return config.exit.max_steps
+        return self.model.config.recurrence.mean_steps
+
+    # ----- states -------------------------------------------------------------------------
+    def initial_state(self, positions: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Initial latent states [b, T, D] for tokens at ``positions`` [b, T]: zero, or the seeded position table."""
+        cfg = self.model.config
+        shape = (*positions.shape, cfg.dim)
+        if cfg.state_init == "zero" or cfg.state_init_std == 0:
+            return torch.zeros(shape, device=self.device, dtype=self.state_dtype)
+        if seed not in self._noise:
+            generator = torch.Generator().manual_seed(seed)
+            table = torch.empty(cfg.max_seq_len, cfg.dim)
+            sd = cfg.state_init_std
+            nn.init.trunc_normal_(table, 0.0, sd, -3 * sd, 3 * sd, generator=generator)
+            self._noise[seed] = table.to(device=self.device, dtype=self.state_dtype)
+        return self._noise[seed][positions.clamp(max=cfg.max_seq_len - 1)]
+
+    # ----- one pass -----------------------------------------------------------------------
+    def run_pass(
+        self,
+        cache: KVCache,
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        real: torch.Tensor | None,
+        loops: int,
+        rule: ExitRule | None,
+        start: torch.Tensor | None,
+        config: GenerationConfig,
+    ) -> PassResult:
+        """Feed ``ids`` [b, T] for cache rows ``rows``; exits (T = 1 only) and compaction as in the module docstring."""
+        model = self.model
+        kv = cache.begin(rows, positions, real)
+        cos, sin = rope_angles(positions, model.config.head_dim, model.config.rope_base)
+        ctx = AttentionContext(cos, sin, kv.mask, kv)
+        e = model.embed(ids, ctx)
+        state = self.initial_state(positions, config.state_seed) if start is None else start
+        if rule is None:
+            state, _ = model.recur(state, e, ctx, loops)
+            steps = torch.full(ids.shape, loops, dtype=torch.long, device=ids.device)
+        else:
+            if ids.shape[1] != 1:
+                raise InputError("early exit runs on single-token passes (decoding); prefill uses a fixed depth.")
+            state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction)
+        logits = model.decode(state, ctx)
+        return PassResult(logits, state, steps)
+
+    def _recur_with_exit(
+        self, state: torch.Tensor, e: torch.Tensor, ctx: AttentionContext, loops: int, rule: ExitRule, compact: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Iterate until each row's rule fires (or ``loops``); exited rows leave the batch when ``compact``."""
+        model = self.model
+        rows = state.shape[0]
+        final = state.clone()
+        steps = torch.full((rows, 1), loops, dtype=torch.long, device=state.device)
+        active = torch.arange(rows, device=state.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=state.device)
+        tracker = ExitTracker(rule)
+        for index in range(loops):
+            state = model.step(state, e, index, ctx)
+            step = index + 1
+            if step == loops:
+                break
+            if step + 1 < rule.min_steps:
+                continue
+            logits = model.decode(state, ctx) if tracker.needs_logits else None
+            fired = tracker.update(step, state, logits)[:, 0]
+            if not compact:
+                newly = fired & ~done
+                final[newly], steps[newly] = state[newly], step
+                done |= fired
+                if bool(done.all()):
+                    return final, steps
+                continue
+            if not bool(fired.any()):
+                continue
+            exited = active[fired]
+            final[exited], steps[exited] = state[fired], step
+            keep = (~fired).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return final, steps
+            active, state, e = active[keep], state[keep], e[keep]
+            ctx = ctx.select(keep)
+            tracker.select(keep)
+        if compact:
+            final[active] = state
+        else:
+            final[~done] = state[~done]
+        return final, steps
+
+    # ----- public API ---------------------------------------------------------------------
+    def prepare(
+        self, prompts: Sequence[Sequence[int]] | torch.Tensor | str | Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids [B, T] and the real-token mask for prompts given as texts, id lists or a [B, T] tensor."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2:
+                raise InputError(f"prompt ids must have shape [batch, seq], got {tuple(prompts.shape)}.")
+            rows = [[int(t) for t in row] for row in prompts]
+        else:
+            rows = []
+            for prompt in prompts:
+                if isinstance(prompt, str):
+                    if self.tokenizer is None:
+                        raise InputError(
+                            "text prompts need a tokenizer; pass token ids or give the engine a tokenizer."
+                        )
+                    rows.append(self.tokenizer.encode(prompt))
+                else:
+                    rows.append([int(t) for t in prompt])
+        return self._pad(rows)
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.model.config
+        if not rows:
+            raise InputError("no prompts were given.")
+        for i, row in enumerate(rows):
+            where = f"prompt {i}" if len(rows) > 1 else "the prompt"
+            if not row:
+                raise InputError(f"{where} is empty; give at least one token.")
+            if len(row) > cfg.max_seq_len:
+                raise InputError(f"{where} has {len(row)} tokens, more than the context of {cfg.max_seq_len}.")
+            bad = [t for t in row if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise InputError(f"{where} holds token id {bad[0]}, outside the vocabulary 0..{cfg.vocab_size - 1}.")
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        real = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            real[i, width - len(row) :] = True
+        return ids.to(self.device), real.to(self.device)
+
+    @torch.inference_mode()
+    def stream(self, prompts, config: GenerationConfig | None = None) -> Iterator[TokenEvent]:
+        """Generate for a batch of prompts, yielding each new token as soon as it is chosen."""
+        yield from self._events(prompts, config or GenerationConfig(), None)
+
+    @torch.inference_mode()
+    def generate(self, prompts, config: GenerationConfig | None = None) -> GenerationResult:
+        """Generate for a batch of prompts (texts, id lists, or a left-padded [B, T] tensor); see the module docs."""
+        config = config or GenerationConfig()
+        started = time.perf_counter()
+        holder: list[Session] = []
+        for _ in self._events(prompts, config, holder):
+            pass
+        session = holder[0]
+        rate = session.acceptance_rate if config.speculative else None
+        return session.result(time.perf_counter() - started, rate)
+
+    def _events(self, prompts, config: GenerationConfig, holder: list[Session] | None) -> Iterator[TokenEvent]:
+        from loopformer.inference.speculative import speculative_events
+
+        ids, real = self.prepare(prompts)
+        session = Session(self, ids, real, config)
+        if holder is not None:
+            holder.append(session)
+        if config.speculative is not None:
+            yield from speculative_events(session)
+            return
+        steps = torch.full((ids.shape[0],), session.loops, dtype=torch.long)
+        while bool(session.alive.any()):
+            rows = session.alive_rows
+            tokens = session.choose(rows)
+            for j, row in enumerate(rows.tolist()):
+                event = session.accept(row, int(tokens[j]), int(steps[row]))
+                if event is not None:
+                    yield event
+                if not session.alive[row]:
+                    tail = session.flush(row)
+                    if tail:
+                        yield TokenEvent(row, None, 0, tail)
+            keep = session.alive[rows]
+            if not bool(keep.any()):
+                break
+            rows, tokens = rows[keep], tokens[keep]
+            session.feed(rows, tokens)
+            steps[rows.cpu()] = session.pending_steps.cpu()
+
+    @torch.inference_mode()
+    def score(self, ids: torch.Tensor, config: GenerationConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced scoring token by token, with the config's exits, warm start and KV policy.
+
+        ``ids`` [B, T] (rows of equal length). Returns the log-probability of each next token [B, T - 1] and the
+        core iterations spent on each token [B, T] (the first token is prefilled at the full depth).
+        """
+        config = config or GenerationConfig()
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise InputError("score needs ids of shape [batch, seq] with seq >= 2.")
+        prefix = ids[:, :1]
+        session = Session(self, prefix, torch.ones_like(prefix, dtype=torch.bool), _scoring(config, ids.shape[1]))
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        log_probs, steps = [], [torch.full((ids.shape[0],), session.loops, dtype=torch.long, device=ids.device)]
+        for t in range(1, ids.shape[1]):
+            log_probs.append(torch.log_softmax(session.logits, dim=-1).gather(1, ids[:, t : t + 1])[:, 0])
+            session.feed(rows, ids[:, t])
+            steps.append(session.pending_steps)
+        return torch.stack(log_probs, dim=1), torch.stack(steps, dim=1)
+
+
+def _scoring(config: GenerationConfig, length: int) -> GenerationConfig:
+    """The config with room for ``length`` tokens and no stop conditions (scoring feeds given tokens)."""
+    if config.speculative is not None:
+        raise InputError("scoring feeds given tokens; speculative decoding does not apply.")
+    return replace(config, max_new_tokens=max(length, 1), stop_tokens=(), stop_strings=())
+
+
+def perplexity(log_probs: torch.Tensor) -> float:
+    """exp of the mean negative log-probability."""
+    return math.exp(-float(log_probs.float().mean()))
