@@ -111,9 +111,11 @@ def test_lti_state_stays_bounded_for_4096_iterations(scale: float) -> None:
                 module.weight.mul_(scale)
     rms = _state_rms_trajectory(model, 4096)
     assert torch.isfinite(rms).all()
-    first_half, second_half = rms[:2048].max().item(), rms[2048:].max().item()
-    # Bounded: no growth at all over the second 2048 iterations (A_bar < 1 contracts the linear part).
-    assert second_half <= first_half * (1 + 1e-4), f"state RMS grew from {first_half:.4g} to {second_half:.4g}"
+    second, last = rms[1024:2048].max().item(), rms[3072:].max().item()
+    # Bounded: A_bar < 1 contracts the linear part and pre-norm layers add bounded terms, so after the transient
+    # the state wanders inside a fixed region (chaotically at scale 10); an unbounded state (A_bar = 1) grows
+    # linearly and its RMS over the last quarter would be about twice that of the second.
+    assert last <= second * 1.25, f"state RMS grew from {second:.4g} (iterations 1k-2k) to {last:.4g} (3k-4k)"
 
 
 def test_return_states_are_the_per_iteration_states() -> None:

@@ -74,10 +74,9 @@ def parse_slot_policy(text: str | SlotPolicy) -> SlotPolicy:
         return text
     name, sep, number = str(text).strip().lower().partition(":")
     if name == "ring" and sep:
-        try:
-            return SlotPolicy("ring", int(number))
-        except ValueError:
-            raise InputError(f"KV slot policy {text!r} needs an integer ring size, e.g. ring:4.") from None
+        if not number.strip().isdigit():
+            raise InputError(f"KV slot policy {text!r} needs an integer ring size, e.g. ring:4.")
+        return SlotPolicy("ring", int(number))
     if name in ("full", "last") and not sep:
         return SlotPolicy(name)
     raise InputError(f"unknown KV slot policy {text!r}; use {POLICY_FORMS}.")
@@ -204,6 +203,9 @@ class KVPass:
         self.all_rows = rows.numel() == cache.batch_size and bool(
             (rows == torch.arange(rows.numel(), device=rows.device)).all()
         )
+        same_start = bool((columns[:, 0] == columns[0, 0]).all())
+        self.block = int(columns[0, 0]) if self.all_rows and same_start else None  # writes are one slice
+        self.frozen: torch.Tensor | None = None  # rows (of this pass) whose writes are skipped
         self.mask = self._mask()
         depth = cache.depth[rows, :end].clone()
         depth[torch.arange(rows.numel(), device=rows.device)[:, None], columns] = _UNBOUNDED
@@ -230,12 +232,21 @@ class KVPass:
         mask |= own & ~mask.any(dim=-1, keepdim=True)  # a padding query sees itself, so its output stays finite
         return mask[:, None]
 
+    def freeze(self, rows: torch.Tensor | None) -> None:
+        """Stop writing the rows marked True in ``rows`` (a [b] mask of this pass's rows); None writes all again.
+
+        Used when exited rows stay in the batch (masking instead of compaction): their entries stay those of the
+        iteration they exited at.
+        """
+        self.frozen = None if rows is None else rows.clone()
+
     def select(self, keep: torch.Tensor) -> KVPass:
         """The same pass restricted to the rows ``keep`` (indices into this pass's rows)."""
         view = object.__new__(KVPass)
         view.cache, view.end = self.cache, self.end
         view.rows, view.columns = self.rows[keep], self.columns[keep]
-        view.all_rows = False
+        view.all_rows, view.block = False, None
+        view.frozen = None if self.frozen is None else self.frozen[keep]
         view.mask = None if self.mask is None else self.mask[keep]
         view.read_depth = self.read_depth[keep]
         visible = self.cache.valid[view.rows, : self.end]
@@ -258,9 +269,19 @@ class KVPass:
                     "not fit (allocate the cache with a larger max_steps)."
                 )
             store_k, store_v = store_k[slot], store_v[slot]
-        index = self.rows[:, None]
-        store_k[index, :, self.columns] = keys.to(store_k.dtype)
-        store_v[index, :, self.columns] = values.to(store_v.dtype)
+        if self.frozen is not None:
+            live = ~self.frozen
+            index, columns = self.rows[live][:, None], self.columns[live]
+            store_k[index, :, columns] = keys[live].to(store_k.dtype)
+            store_v[index, :, columns] = values[live].to(store_v.dtype)
+        elif self.block is not None:
+            span = slice(self.block, self.block + keys.shape[1])
+            store_k[:, :, span] = keys.transpose(1, 2)
+            store_v[:, :, span] = values.transpose(1, 2)
+        else:
+            index = self.rows[:, None]
+            store_k[index, :, self.columns] = keys.to(store_k.dtype)
+            store_v[index, :, self.columns] = values.to(store_v.dtype)
         if self.all_rows:
             out_k, out_v = store_k[:, :, : self.end], store_v[:, :, : self.end]
         else:

@@ -30,7 +30,6 @@ from loopformer.inference.sampling import SamplingConfig, choose_tokens
 from loopformer.inference.text import TextStream
 from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
-from loopformer.nn.rope import rope_angles
 from loopformer.training.tokenizer import TextTokenizer
 
 
@@ -143,6 +142,8 @@ class Session:
     def __init__(self, engine: Engine, ids: torch.Tensor, real: torch.Tensor, config: GenerationConfig) -> None:
         self.engine, self.config = engine, config
         self.loops = engine.resolve_loops(config)
+        if config.speculative is not None:
+            _check_speculative(config, self.loops)
         batch, width = ids.shape
         extra = config.speculative[1] + 1 if config.speculative else 0
         self.cache = KVCache(
@@ -181,6 +182,8 @@ class Session:
         self.cache.commit(rows, torch.full_like(rows, width), result.steps)
         self.logits = result.logits[:, -1].float()
         self.last_state = result.state[:, -1]
+        self.pending_steps = result.steps[:, -1].clone()  # iterations behind each row's pending logits
+        self.acceptance_rate: float | None = None
 
     @property
     def alive_rows(self) -> torch.Tensor:
@@ -190,25 +193,29 @@ class Session:
         """Next token of each row in ``rows`` from its pending logits."""
         return choose_tokens(self.logits[rows], self.config.sampling, self.history[rows], self.generator)
 
-    def accept(self, row: int, token: int, steps: int) -> TokenEvent | None:
-        """Append a generated token to ``row``; returns its event, or None when a stop condition swallowed it."""
+    def accept(self, row: int, token: int, steps: int) -> list[TokenEvent]:
+        """Append a generated token to ``row``; returns its events (none when a stop token swallowed it, and a
+        last text event when the row finished with text still held back)."""
         if token in self.stop_tokens:
             self._end(row, "stop")
-            return None
+            return self._flush(row, [])
         self.tokens[row].append(token)
         self.steps[row].append(steps)
         self.history[row, self.width + len(self.tokens[row]) - 1] = token
-        text = ""
-        if self.streams is not None:
-            stream = self.streams[row]
-            text = stream.push(token)
-            if stream.stopped:
-                self._end(row, "stop")
-                return TokenEvent(row, token, steps, text)
+        events = [TokenEvent(row, token, steps, self.streams[row].push(token) if self.streams else "")]
         position = int(self.prompt_lengths[row]) + len(self.tokens[row])
-        if len(self.tokens[row]) >= self.config.max_new_tokens or position >= self.engine.model.config.max_seq_len:
+        if self.streams is not None and self.streams[row].stopped:
+            self._end(row, "stop")
+        elif len(self.tokens[row]) >= self.config.max_new_tokens or position >= self.engine.model.config.max_seq_len:
             self._end(row, "length")
-        return TokenEvent(row, token, steps, text)
+        return self._flush(row, events)
+
+    def _flush(self, row: int, events: list[TokenEvent]) -> list[TokenEvent]:
+        if self.streams is not None and not self.alive[row]:
+            tail = self.streams[row].finish()
+            if tail:
+                events.append(TokenEvent(row, None, 0, tail))
+        return events
 
     def _end(self, row: int, reason: str) -> None:
         self.alive[row] = False
@@ -224,10 +231,7 @@ class Session:
         self.cache.commit(rows, torch.ones_like(rows), result.steps)
         self.logits[rows] = result.logits[:, 0].float()
         self.last_state[rows] = result.state[:, 0]
-        self.pending_steps = result.steps[:, 0]
-
-    def flush(self, row: int) -> str:
-        return self.streams[row].finish() if self.streams is not None else ""
+        self.pending_steps[rows] = result.steps[:, 0]
 
     def result(self, seconds: float, acceptance_rate: float | None = None) -> GenerationResult:
         outputs = []
@@ -235,6 +239,34 @@ class Session:
             text = self.streams[b].text if self.streams is not None else None
             outputs.append(Generation(self.tokens[b], self.steps[b], text, self.finish[b]))
         return GenerationResult(outputs, seconds, self.cache.nbytes(), acceptance_rate)
+
+
+def _check_speculative(config: GenerationConfig, loops: int) -> None:
+    """Refuse speculative settings that cannot reproduce plain decoding exactly."""
+    draft = config.speculative[0]
+    if draft > loops:
+        raise InputError(f"the speculative draft runs {draft} loops, more than the {loops} it is verified at.")
+    if config.kv.slots(loops) < loops:
+        raise InputError(
+            f"speculative decoding verifies several tokens in one pass, which is exact only when the KV cache keeps "
+            f"every iteration; {config.kv.label} shares slots at {loops} loops (use full or ring:K with K >= {loops})."
+        )
+
+
+class GenerationStream:
+    """The events of one generation call; after iterating to the end, :attr:`result` holds the summary."""
+
+    def __init__(self, engine: Engine, prompt: tuple[torch.Tensor, torch.Tensor], config: GenerationConfig) -> None:
+        self.engine, self.prompt, self.config = engine, prompt, config
+        self.result: GenerationResult | None = None
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[TokenEvent]:
+        started = time.perf_counter()
+        ids, real = self.prompt
+        session = Session(self.engine, ids, real, self.config)
+        yield from self.engine.events(session)
+        self.result = session.result(time.perf_counter() - started, session.acceptance_rate)
 
 
 class Engine:
@@ -294,8 +326,7 @@ class Engine:
         """Feed ``ids`` [b, T] for cache rows ``rows``; exits (T = 1 only) and compaction as in the module docstring."""
         model = self.model
         kv = cache.begin(rows, positions, real)
-        cos, sin = rope_angles(positions, model.config.head_dim, model.config.rope_base)
-        ctx = AttentionContext(cos, sin, kv.mask, kv)
+        ctx = AttentionContext.for_positions(model.config, positions, kv.mask, kv)
         e = model.embed(ids, ctx)
         state = self.initial_state(positions, config.state_seed) if start is None else start
         if rule is None:
@@ -305,6 +336,7 @@ class Engine:
             if ids.shape[1] != 1:
                 raise InputError("early exit runs on single-token passes (decoding); prefill uses a fixed depth.")
             state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction)
+            kv.freeze(None)  # the final decode writes the coda entries of every row
         logits = model.decode(state, ctx)
         return PassResult(logits, state, steps)
 
@@ -332,6 +364,7 @@ class Engine:
                 newly = fired & ~done
                 final[newly], steps[newly] = state[newly], step
                 done |= fired
+                ctx.cache.freeze(done)  # exited rows keep computing but no longer write the cache
                 if bool(done.all()):
                     return final, steps
                 continue
@@ -353,15 +386,28 @@ class Engine:
 
     # ----- public API ---------------------------------------------------------------------
     def prepare(
-        self, prompts: Sequence[Sequence[int]] | torch.Tensor | str | Sequence[str]
+        self,
+        prompts: Sequence[Sequence[int]] | torch.Tensor | str | Sequence[str],
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids [B, T] and the real-token mask for prompts given as texts, id lists or a [B, T] tensor."""
+        """Left-padded ids [B, T] and the real-token mask for prompts given as texts, id lists or a [B, T] tensor.
+
+        With a tensor, ``attention_mask`` [B, T] (1 / True = real token) marks padding, on either side; without
+        one every id is a prompt token.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
+        if attention_mask is not None and not isinstance(prompts, torch.Tensor):
+            raise InputError("attention_mask goes with a [batch, seq] tensor of prompt ids.")
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise InputError(f"prompt ids must have shape [batch, seq], got {tuple(prompts.shape)}.")
-            rows = [[int(t) for t in row] for row in prompts]
+            if attention_mask is not None and attention_mask.shape != prompts.shape:
+                raise InputError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; the prompts have {tuple(prompts.shape)}."
+                )
+            real = torch.ones_like(prompts, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            rows = [[int(t) for t in row[keep]] for row, keep in zip(prompts.cpu(), real.cpu(), strict=True)]
         else:
             rows = []
             for prompt in prompts:
@@ -397,51 +443,37 @@ class Engine:
             real[i, width - len(row) :] = True
         return ids.to(self.device), real.to(self.device)
 
-    @torch.inference_mode()
-    def stream(self, prompts, config: GenerationConfig | None = None) -> Iterator[TokenEvent]:
-        """Generate for a batch of prompts, yielding each new token as soon as it is chosen."""
-        yield from self._events(prompts, config or GenerationConfig(), None)
+    def stream(
+        self, prompts, config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None
+    ) -> GenerationStream:
+        """Generate for a batch of prompts; iterate the result to get each new token as soon as it is chosen."""
+        return GenerationStream(self, self.prepare(prompts, attention_mask), config or GenerationConfig())
 
-    @torch.inference_mode()
-    def generate(self, prompts, config: GenerationConfig | None = None) -> GenerationResult:
-        """Generate for a batch of prompts (texts, id lists, or a left-padded [B, T] tensor); see the module docs."""
-        config = config or GenerationConfig()
-        started = time.perf_counter()
-        holder: list[Session] = []
-        for _ in self._events(prompts, config, holder):
+    def generate(
+        self, prompts, config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None
+    ) -> GenerationResult:
+        """Generate for a batch of prompts: texts, id lists, or a [B, T] tensor with its ``attention_mask``."""
+        stream = self.stream(prompts, config, attention_mask)
+        for _ in stream:
             pass
-        session = holder[0]
-        rate = session.acceptance_rate if config.speculative else None
-        return session.result(time.perf_counter() - started, rate)
+        return stream.result
 
-    def _events(self, prompts, config: GenerationConfig, holder: list[Session] | None) -> Iterator[TokenEvent]:
+    def events(self, session: Session) -> Iterator[TokenEvent]:
+        """Decode ``session`` to the end, one event per generated token."""
         from loopformer.inference.speculative import speculative_events
 
-        ids, real = self.prepare(prompts)
-        session = Session(self, ids, real, config)
-        if holder is not None:
-            holder.append(session)
-        if config.speculative is not None:
+        if session.config.speculative is not None:
             yield from speculative_events(session)
             return
-        steps = torch.full((ids.shape[0],), session.loops, dtype=torch.long)
         while bool(session.alive.any()):
             rows = session.alive_rows
             tokens = session.choose(rows)
+            steps = session.pending_steps[rows].tolist()
             for j, row in enumerate(rows.tolist()):
-                event = session.accept(row, int(tokens[j]), int(steps[row]))
-                if event is not None:
-                    yield event
-                if not session.alive[row]:
-                    tail = session.flush(row)
-                    if tail:
-                        yield TokenEvent(row, None, 0, tail)
+                yield from session.accept(row, int(tokens[j]), steps[j])
             keep = session.alive[rows]
-            if not bool(keep.any()):
-                break
-            rows, tokens = rows[keep], tokens[keep]
-            session.feed(rows, tokens)
-            steps[rows.cpu()] = session.pending_steps.cpu()
+            if bool(keep.any()):
+                session.feed(rows[keep], tokens[keep])
 
     @torch.inference_mode()
     def score(self, ids: torch.Tensor, config: GenerationConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,7 +492,7 @@ class Engine:
         for t in range(1, ids.shape[1]):
             log_probs.append(torch.log_softmax(session.logits, dim=-1).gather(1, ids[:, t : t + 1])[:, 0])
             session.feed(rows, ids[:, t])
-            steps.append(session.pending_steps)
+            steps.append(session.pending_steps.clone())
         return torch.stack(log_probs, dim=1), torch.stack(steps, dim=1)
 
 

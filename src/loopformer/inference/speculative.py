@@ -29,19 +29,11 @@ if TYPE_CHECKING:
 
 def _emit(session: Session, rows: torch.Tensor, tokens: list[list[int]]) -> Iterator[TokenEvent]:
     """Hand ``tokens[j]`` to row ``rows[j]`` in order until the row ends; yields the events."""
-    from loopformer.inference.engine import TokenEvent
-
     for j, row in enumerate(rows.tolist()):
         for token in tokens[j]:
             if not bool(session.alive[row]):
                 break
-            event = session.accept(row, token, session.loops)
-            if event is not None:
-                yield event
-        if not bool(session.alive[row]):
-            tail = session.flush(row)
-            if tail:
-                yield TokenEvent(row, None, 0, tail)
+            yield from session.accept(row, token, session.loops)
 
 
 def speculative_events(session: Session) -> Iterator[TokenEvent]:

@@ -13,30 +13,50 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[to
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    xf = x.float()
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width tables ``(c, s)`` from :func:`rope_angles`, so that ``rotate(x) = x * c + partner(x) * s``.
+
+    ``partner`` swaps the two members of every rotated pair (see :func:`_partner`); precomputing the tables once
+    per pass leaves three elementwise operations per rotation.
+    """
     if style == "half":
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
+def _partner(x: torch.Tensor, style: str) -> torch.Tensor:
+    """Each pair's other member: (x[i + d/2], x[i]) for ``half``, (x[2i + 1], x[2i]) for ``interleaved``."""
+    if style == "half":
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((second, first), dim=-1)
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, style: str) -> torch.Tensor:
+    xf = x.float()
+    return torch.addcmul(xf * c, _partner(xf, style), s).to(x.dtype)
 
 
 class _Rope(torch.autograd.Function):
-    """A rotation's gradient is the inverse rotation: one cheap op backward instead of a slice graph."""
+    """A rotation's gradient is the inverse rotation (the same tables with ``-s``): one cheap op backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
+    def forward(ctx, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, style: str) -> torch.Tensor:
+        ctx.save_for_backward(c, s)
         ctx.style = style
-        return _rotate(x, cos, sin, style)
+        return _rotate(x, c, s, style)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin, ctx.style), None, None, None
+        c, s = ctx.saved_tensors
+        return _rotate(grad, c, -s, ctx.style), None, None, None
+
+
+def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate ``x`` [B, T, H, head_dim] with tables from :func:`rope_tables`; fp32 math, returned in ``x.dtype``."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rope.apply(x, c, s, style)
+    return _rotate(x, c, s, style)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -44,6 +64,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
     ``half``: pairs are (x[i], x[i + d/2]); ``interleaved``: pairs are (x[2i], x[2i + 1]).
     """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Rope.apply(x, cos, sin, style)
-    return _rotate(x, cos, sin, style)
+    return rotate(x, *rope_tables(cos, sin, style), style)

@@ -1,0 +1,80 @@
+"""Flags shared by ``loopformer generate`` and ``loopformer chat``, and the engine they build."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loopformer.errors import InputError
+from loopformer.inference.engine import Engine, GenerationConfig
+from loopformer.inference.exits import parse_exit_rule
+from loopformer.inference.sampling import SamplingConfig
+from loopformer.training.checkpoint import load_trained_model
+from loopformer.training.tokenizer import TextTokenizer
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
+    depth = parser.add_argument_group("depth")
+    depth.add_argument("--loops", type=int, help="core iterations per token (the ceiling with --exit; default: mean)")
+    depth.add_argument("--exit", metavar="CRITERION[:THR]", help="per-token early exit, e.g. kl:5e-4, latent-diff:0.03")
+    depth.add_argument("--min-steps", type=int, default=1, help="no exit before this many iterations (default: 1)")
+    depth.add_argument("--check-every", type=int, default=1, help="test the exit rule every N iterations")
+    depth.add_argument("--kv", default="full", help="KV slot policy: full, last or ring:K (default: full)")
+    depth.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
+    depth.add_argument("--speculative", metavar="DRAFT:LOOKAHEAD", help="self-speculative decoding, e.g. 4:8")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=int, default=128)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--min-p", type=float)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    sampling.add_argument("--seed", type=int, default=0, help="seed of the sampler and of the initial states")
+
+
+def parse_speculative(text: str | None) -> tuple[int, int] | None:
+    """``"4:8"`` -> (4, 8): draft with 4 iterations, 8 tokens ahead."""
+    if text is None:
+        return None
+    draft, _, ahead = text.partition(":")
+    if not (draft.strip().isdigit() and ahead.strip().isdigit()):
+        raise InputError(f"--speculative {text!r} is invalid: write DRAFT_LOOPS:LOOKAHEAD, e.g. 4:8.")
+    return int(draft), int(ahead)
+
+
+def generation_config(args: argparse.Namespace, stop_tokens: tuple[int, ...] | None = None) -> GenerationConfig:
+    """The :class:`GenerationConfig` the flags describe."""
+    rule = None
+    if args.exit:
+        rule = parse_exit_rule(args.exit, min_steps=args.min_steps, check_every=args.check_every)
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        loops=args.loops,
+        exit=rule,
+        kv=args.kv,
+        warm_start=args.warm_start,
+        speculative=parse_speculative(args.speculative),
+        sampling=sampling,
+        stop_tokens=stop_tokens,
+        stop_strings=tuple(args.stop),
+        state_seed=args.seed,
+    )
+
+
+def load_engine(args: argparse.Namespace) -> tuple[Engine, Path]:
+    """The checkpoint's model and tokenizer in an :class:`Engine`, and the checkpoint directory."""
+    model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
+    if state.tokenizer_json is None:
+        raise InputError(f"{path} has no tokenizer.json; generation needs the checkpoint's tokenizer.")
+    return Engine(model, TextTokenizer.from_json(state.tokenizer_json)), path
