@@ -54,8 +54,8 @@ def test_score_matches_the_full_forward(injection: str, attention: str, loops: i
     model = make_model(injection=injection, state_init=state_init, **ATTENTION[attention])
     engine = Engine(model)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(loops))
-    log_probs, steps = engine.score(ids, GenerationConfig(loops=loops))
-    assert log_probs.shape == (2, 7) and steps.shape == (2, 8)
+    log_probs, steps, _ = engine.score(ids, GenerationConfig(loops=loops))
+    assert log_probs.shape == (2, 7) and steps.shape == (2, 7)
     assert (steps == loops).all()
     expected = forward_log_probs(model, engine, ids, loops)
     torch.testing.assert_close(log_probs, expected, atol=1e-4, rtol=0)
@@ -69,7 +69,7 @@ def test_score_with_shared_slots_is_exact_for_one_iteration(kv: str) -> None:
     model = make_model(sliding_window=4)
     engine = Engine(model)
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(5))
-    log_probs, _ = engine.score(ids, GenerationConfig(loops=1, kv=kv))
+    log_probs, _, _ = engine.score(ids, GenerationConfig(loops=1, kv=kv))
     torch.testing.assert_close(log_probs, forward_log_probs(model, engine, ids, 1), atol=1e-4, rtol=0)
 
 
@@ -78,10 +78,10 @@ def test_a_ring_as_deep_as_the_loops_is_exact_and_a_shorter_one_is_not() -> None
     engine = Engine(model)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
     expected = forward_log_probs(model, engine, ids, 5)
-    ring5, _ = engine.score(ids, GenerationConfig(loops=5, kv="ring:5"))
+    ring5, _, _ = engine.score(ids, GenerationConfig(loops=5, kv="ring:5"))
     torch.testing.assert_close(ring5, expected, atol=1e-4, rtol=0)
-    ring2, _ = engine.score(ids, GenerationConfig(loops=5, kv="ring:2"))
-    last, _ = engine.score(ids, GenerationConfig(loops=5, kv="last"))
+    ring2, _, _ = engine.score(ids, GenerationConfig(loops=5, kv="ring:2"))
+    last, _, _ = engine.score(ids, GenerationConfig(loops=5, kv="last"))
     assert (ring2 - expected).abs().max() > 1e-3  # sharing slots is an approximation at this depth
     assert (last - expected).abs().max() > 1e-3
 
@@ -299,15 +299,25 @@ def test_score_reports_the_steps_of_each_token() -> None:
     engine = Engine(make_model())
     ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(8))
     rule = ExitRule("latent-diff", 0.3)
-    log_probs, steps = engine.score(ids, GenerationConfig(loops=8, exit=rule))
+    log_probs, steps, _ = engine.score(ids, GenerationConfig(loops=8, exit=rule))
     assert log_probs.shape == (3, 9) and bool((log_probs <= 0).all())
     assert (steps[:, 0] == 8).all() and bool((steps >= 1).all() and (steps <= 8).all())
     assert bool((steps[:, 1:] < 8).any())
     # each row scored alone gives the same numbers (rows do not interact)
     for b in range(3):
-        alone_lp, alone_steps = engine.score(ids[b : b + 1], GenerationConfig(loops=8, exit=rule))
+        alone_lp, alone_steps, _ = engine.score(ids[b : b + 1], GenerationConfig(loops=8, exit=rule))
         assert alone_steps[0].tolist() == steps[b].tolist()
         torch.testing.assert_close(alone_lp[0], log_probs[b], atol=1e-5, rtol=0)
+
+
+def test_score_predictions_reproduce_greedy_decoding() -> None:
+    engine = Engine(make_model())
+    prompt = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    generated = engine.generate(prompt, GenerationConfig(max_new_tokens=6, loops=5, stop_tokens=()))
+    ids = torch.cat((prompt, torch.tensor([generated.outputs[0].tokens])), dim=1)
+    _, steps, predictions = engine.score(ids, GenerationConfig(loops=5))
+    assert predictions[0, 5:].tolist() == generated.outputs[0].tokens
+    assert steps.shape == predictions.shape and bool((steps == 5).all())
 
 
 # ----- warm start --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -125,6 +126,15 @@ class TokenEvent:
     token: int | None  # None: the row's held-back text released when it finished
     steps: int
     text: str = ""
+
+
+class Scores(NamedTuple):
+    """What :meth:`Engine.score` returns: per position, the next token's log-probability, the argmax, and the
+    iterations behind that prediction."""
+
+    log_probs: torch.Tensor
+    steps: torch.Tensor
+    predictions: torch.Tensor
 
 
 @dataclass
@@ -338,6 +348,8 @@ class Engine:
             state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction)
             kv.freeze(None)  # the final decode writes the coda entries of every row
         logits = model.decode(state, ctx)
+        if self.tokenizer is not None and self.tokenizer.vocab_size < logits.shape[-1]:
+            logits[..., self.tokenizer.vocab_size :] = float("-inf")  # ids the tokenizer cannot decode
         return PassResult(logits, state, steps)
 
     def _recur_with_exit(
@@ -476,11 +488,12 @@ class Engine:
                 session.feed(rows[keep], tokens[keep])
 
     @torch.inference_mode()
-    def score(self, ids: torch.Tensor, config: GenerationConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, ids: torch.Tensor, config: GenerationConfig | None = None) -> Scores:
         """Teacher-forced scoring token by token, with the config's exits, warm start and KV policy.
 
-        ``ids`` [B, T] (rows of equal length). Returns the log-probability of each next token [B, T - 1] and the
-        core iterations spent on each token [B, T] (the first token is prefilled at the full depth).
+        ``ids`` [B, T] (rows of equal length). Returns the log-probability of each next token and the model's
+        argmax there ([B, T - 1] each), and the core iterations spent on each fed token ([B, T - 1]; the first
+        token is prefilled at the full depth, the last one is not fed).
         """
         config = config or GenerationConfig()
         if ids.dim() != 2 or ids.shape[1] < 2:
@@ -488,12 +501,15 @@ class Engine:
         prefix = ids[:, :1]
         session = Session(self, prefix, torch.ones_like(prefix, dtype=torch.bool), _scoring(config, ids.shape[1]))
         rows = torch.arange(ids.shape[0], device=ids.device)
-        log_probs, steps = [], [torch.full((ids.shape[0],), session.loops, dtype=torch.long, device=ids.device)]
+        log_probs, predictions = [], []
+        steps = [torch.full((ids.shape[0],), session.loops, dtype=torch.long, device=ids.device)]
         for t in range(1, ids.shape[1]):
             log_probs.append(torch.log_softmax(session.logits, dim=-1).gather(1, ids[:, t : t + 1])[:, 0])
-            session.feed(rows, ids[:, t])
-            steps.append(session.pending_steps.clone())
-        return torch.stack(log_probs, dim=1), torch.stack(steps, dim=1)
+            predictions.append(session.logits.argmax(dim=-1))
+            if t + 1 < ids.shape[1]:
+                session.feed(rows, ids[:, t])
+                steps.append(session.pending_steps.clone())
+        return Scores(torch.stack(log_probs, dim=1), torch.stack(steps, dim=1), torch.stack(predictions, dim=1))
 
 
 def _scoring(config: GenerationConfig, length: int) -> GenerationConfig:

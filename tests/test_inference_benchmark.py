@@ -1,0 +1,120 @@
+"""benchmarks/inference.py --quick on tiny random checkpoints: every section runs and its numbers are sane."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from loopformer.config import ModelConfig
+from loopformer.inference.exits import EXIT_CRITERIA
+from loopformer.model import build_model
+from loopformer.tasks.builtin import get_task
+from loopformer.tasks.encoding import task_tokenizer
+from loopformer.training.checkpoint import TrainingState, save_checkpoint
+from loopformer.training.tokenizer import TextTokenizer
+from support import small_config, write_corpus
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
+
+
+def save_random(run: Path, config: ModelConfig, tokenizer: TextTokenizer, train_config: dict) -> Path:
+    """A randomly initialised model saved as a checkpoint with its tokenizer and the training run's settings."""
+    model = build_model(config, seed=0)
+    state = TrainingState(
+        step=0,
+        model=model.state_dict(),
+        config=config,
+        tokenizer_json=tokenizer.to_json(),
+        meta={"train_config": train_config},
+    )
+    save_checkpoint(run, state)
+    return run
+
+
+def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus")
+    text = save_random(
+        tmp_path / "text",
+        small_config(vocab_size=320, max_seq_len=128),
+        TextTokenizer.byte_level(),
+        {"data": str(corpus), "val_fraction": 0.25},
+    )
+    task = save_random(
+        tmp_path / "task",
+        small_config(max_seq_len=64),
+        task_tokenizer(get_task("prefix-parity").alphabet),
+        {"task": "prefix-parity", "task_difficulty": "4"},
+    )
+    out = tmp_path / "out.json"
+    argv = ["--ckpt", str(text), "--task-ckpt", str(task), "--quick", "--threads", "1", "--json", str(out)]
+    env = {**os.environ, "LOOPFORMER_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, env=env, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert report["quick"] is True and "--quick" in report["command"]
+    assert report["machine"]["torch"] and report["machine"]["platform"] and report["machine"]["cpu_count"] >= 1
+    assert report["date"] and report["checkpoint"]["parameters"] > 0
+    assert report["checkpoint"]["path"].startswith(str(text))
+    assert "validation split" in report["held_out"]["source"]
+
+    decode = report["decode"]
+    assert {(r["batch"], r["loops"]) for r in decode["rows"]} == {(1, 8), (1, 32), (8, 8), (8, 32)}
+    for row in decode["rows"]:
+        assert row["tokens_per_s"] > 0 and row["tokens_per_s_per_row"] > 0
+        assert row["new_tokens"] == row["batch"] * decode["new_tokens_per_row"]
+    assert decode["ratio_batch1_r32_vs_huginn"] > 0
+
+    exits = report["exits"]
+    assert [r["criterion"] for r in exits["rows"]] == list(EXIT_CRITERIA)
+    assert exits["no_exit"]["mean_steps"] == 32
+    for row in exits["rows"]:
+        assert 1 <= row["mean_steps"] <= 32 and row["perplexity"] > 0
+        assert row["steps_saved"] == round(1 - row["mean_steps"] / 32, 4)
+    assert exits["best"] is None or exits["best"] in {r["rule"] for r in exits["rows"]}
+
+    task_rows = report["task"]["rows"]
+    assert report["task"]["task"] == "prefix-parity"
+    assert {r["rule"] for r in task_rows} == {"no exit", *(r["rule"] for r in exits["rows"])}
+    for row in task_rows:
+        assert 0 <= row["accuracy"] <= 1 and 1 <= row["mean_steps"] <= 32
+
+    kv = {r["policy"]: r for r in report["kv"]["rows"]}
+    assert set(kv) == {"full", "ring:4", "ring:8", "last"}
+    assert kv["full"]["ratio_full_over_policy"] == 1 and kv["full"]["ppl_change"] == 0
+    assert kv["last"]["ratio_full_over_policy"] > kv["ring:8"]["ratio_full_over_policy"] > 1
+    assert all(r["perplexity"] > 0 for r in kv.values())
+
+    speculative = report["speculative"]
+    assert speculative["plain"]["tokens_per_s"] > 0
+    assert [(r["draft_loops"], r["lookahead"]) for r in speculative["rows"]] == [(2, 4), (4, 4), (4, 8), (8, 8)]
+    for row in speculative["rows"]:
+        assert row["identical"] is True, row
+        assert 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_s"] > 0
+
+    compaction = {r["mode"]: r for r in report["compaction"]["rows"]}
+    assert compaction["compaction"]["core_rows"] <= compaction["masking"]["core_rows"]
+    assert compaction["masking"]["core_rows"] <= compaction["no exit"]["core_rows"]
+    assert 1 <= compaction["compaction"]["mean_steps"] <= 32
+    assert compaction["compaction"]["mean_steps"] == compaction["masking"]["mean_steps"]
+    assert report["compaction"]["identical_tokens"] is True
+
+    for heading in ("Decode speed", "Exit criteria", "KV policies", "Speculative decoding", "compaction vs masking"):
+        assert heading in done.stdout
+
+
+def load_benchmark() -> ModuleType:
+    """benchmarks/inference.py as a module (registered first: its dataclasses look their module up)."""
+    if "inference_benchmark" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("inference_benchmark", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["inference_benchmark"]
