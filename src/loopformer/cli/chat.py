@@ -77,12 +77,12 @@ def run(args: argparse.Namespace, read: Callable[[str], str] = input) -> int:
                 raise InputError(f"unknown command {command!r}; {HELP}.")
             if not line.strip():
                 continue
-            messages.append(Message("user", line))
-            stream = engine.stream([encode_chat(engine.tokenizer, system + messages)], config)
+            turn = [*messages, Message("user", line)]  # kept only once the reply is done
+            stream = engine.stream([encode_chat(engine.tokenizer, system + turn)], config)
             for event in stream:
                 print(event.text, end="", flush=True)
             print()
-            messages.append(Message("assistant", stream.result.outputs[0].text or ""))
+            messages = [*turn, Message("assistant", stream.result.outputs[0].text or "")]
             print(summary(stream.result), file=sys.stderr)
         except LoopformerError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record))
         return 0
     if len(prompts) == 1:
+        stream = engine.stream(prompts, config)  # validates the prompt and the settings before printing
         print(args.prompt[0], end="", flush=True)
-        stream = engine.stream(prompts, config)
         for event in stream:
             print(event.text, end="", flush=True)
         print()

@@ -152,8 +152,6 @@ class Session:
     def __init__(self, engine: Engine, ids: torch.Tensor, real: torch.Tensor, config: GenerationConfig) -> None:
         self.engine, self.config = engine, config
         self.loops = engine.resolve_loops(config)
-        if config.speculative is not None:
-            _check_speculative(config, self.loops)
         batch, width = ids.shape
         extra = config.speculative[1] + 1 if config.speculative else 0
         self.cache = KVCache(
@@ -459,7 +457,10 @@ class Engine:
         self, prompts, config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None
     ) -> GenerationStream:
         """Generate for a batch of prompts; iterate the result to get each new token as soon as it is chosen."""
-        return GenerationStream(self, self.prepare(prompts, attention_mask), config or GenerationConfig())
+        config = config or GenerationConfig()
+        if config.speculative is not None:
+            _check_speculative(config, self.resolve_loops(config))  # refused before the caller prints anything
+        return GenerationStream(self, self.prepare(prompts, attention_mask), config)
 
     def generate(
         self, prompts, config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None
