@@ -450,3 +450,39 @@ def test_encode_prompt(tokenizer: TextTokenizer) -> None:
     assert encode_prompt(tokenizer, "ab") == [tokenizer.bos_id, *tokenizer.encode("ab")]
     with pytest.raises(InputError, match="empty"):
         encode_prompt(tokenizer, "")
+
+
+# ----- kv-size -------------------------------------------------------------------------------------------
+def test_kv_size_reports_cache_bytes_per_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    from loopformer.inference.cache import cache_bytes
+    from loopformer.presets import get_preset
+
+    argv = ["kv-size", "--preset", "huginn-3.5b", "--kv", "full,ring:4,last", "--tokens", "100,200", "--loops", "32"]
+    assert main([*argv, "--batch", "2", "--dtype", "bf16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    config = get_preset("huginn-3.5b")
+    assert len(report["rows"]) == 6
+    for row in report["rows"]:
+        expected = cache_bytes(config, row["policy"], row["tokens"], 32, batch_size=2, element_bytes=2)
+        assert row["bytes"] == expected
+    ratios = {row["policy"]: row["full_over_policy"] for row in report["rows"]}
+    assert ratios["full"] == 1.0 and ratios["ring:4"] == pytest.approx(132 / 20) and ratios["last"] == 132 / 8
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "ring:4" in table and "16.5x" in table
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["kv-size"],
+        ["kv-size", "--preset", "nope"],
+        ["kv-size", "--preset", "tiny", "--kv", "ring:x"],
+        ["kv-size", "--preset", "tiny", "--loops", "0"],
+        ["kv-size", "--preset", "tiny", "--batch", "0"],
+    ],
+)
+def test_kv_size_bad_input_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loopformer: error:") and "Traceback" not in err
