@@ -230,6 +230,7 @@ def measure_exits(engine: Engine, ids: torch.Tensor, rules: list[ExitRule]) -> t
     for rule in rules:
         ppl, steps = teacher_forced(engine, ids, GenerationConfig(loops=LOOPS, exit=rule))
         change = ppl / base_ppl - 1
+        warm_ppl, warm_steps = teacher_forced(engine, ids, GenerationConfig(loops=LOOPS, exit=rule, warm_start=True))
         rows.append(
             {
                 "rule": rule.label,
@@ -240,9 +241,15 @@ def measure_exits(engine: Engine, ids: torch.Tensor, rules: list[ExitRule]) -> t
                 "steps_saved": round(1 - steps / LOOPS, 4),
                 "perplexity": rounded(ppl),
                 "ppl_change": rounded(change, 5),
+                "warm_start_mean_steps": round(warm_steps, 3),
+                "warm_start_ppl_change": rounded(warm_ppl / base_ppl - 1, 5),
             }
         )
-        progress("exits", f"{rule.label}: {steps:.2f} iterations/token, ppl {ppl:.3f} ({change:+.2%})")
+        progress(
+            "exits",
+            f"{rule.label}: {steps:.2f} iterations/token, ppl {ppl:.3f} ({change:+.2%}); "
+            f"warm start {warm_steps:.2f} iterations/token ({warm_ppl / base_ppl - 1:+.2%})",
+        )
     within = [r for r in rows if r["ppl_change"] is not None and r["ppl_change"] <= MAX_PPL_CHANGE]
     best = max(within, key=lambda r: r["steps_saved"], default=None)
     section = {
@@ -466,13 +473,23 @@ def show(report: dict[str, Any]) -> None:
     )
     exits = report["exits"]
     print(f"### Exit criteria (teacher-forced, {exits['rows_scored']} x {exits['tokens_per_row']} tokens, r={LOOPS})\n")
-    rows = [["none", exits["no_exit"]["mean_steps"], "0.0%", exits["no_exit"]["perplexity"], "", ""]]
+    rows = [["none", exits["no_exit"]["mean_steps"], "0.0%", exits["no_exit"]["perplexity"], "", "", "", ""]]
     for r in exits["rows"]:
         best = "best" if r["rule"] == exits["best"] else ""
         rows.append(
-            [r["rule"], r["mean_steps"], f"{r['steps_saved']:.1%}", r["perplexity"], percent(r["ppl_change"]), best]
+            [
+                r["rule"],
+                r["mean_steps"],
+                f"{r['steps_saved']:.1%}",
+                r["perplexity"],
+                percent(r["ppl_change"]),
+                r["warm_start_mean_steps"],
+                percent(r["warm_start_ppl_change"]),
+                best,
+            ]
         )
-    print(format_table(["rule", "mean steps", "steps saved", "ppl", "ppl change", ""], rows))
+    headers = ["rule", "mean steps", "steps saved", "ppl", "ppl change", "warm: steps", "warm: ppl change", ""]
+    print(format_table(headers, rows))
     print(f"\nbest (most steps saved with ppl change <= {MAX_PPL_CHANGE:.0%}): {exits['best']}\n")
     task = report.get("task")
     if task:

@@ -76,6 +76,7 @@ def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
     assert [r["criterion"] for r in exits["rows"]] == list(EXIT_CRITERIA)
     assert exits["no_exit"]["mean_steps"] == 32
     for row in exits["rows"]:
+        assert 1 <= row["warm_start_mean_steps"] <= 32 and row["warm_start_ppl_change"] is not None
         assert 1 <= row["mean_steps"] <= 32 and row["perplexity"] > 0
         assert row["steps_saved"] == round(1 - row["mean_steps"] / 32, 4)
     assert exits["best"] is None or exits["best"] in {r["rule"] for r in exits["rows"]}
