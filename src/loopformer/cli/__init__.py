@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from loopformer import __version__
-from loopformer.cli import chat, demo, eval_ppl, eval_task, generate, kv_size, presets, train
+from loopformer.cli import analyze, chat, demo, eval_ppl, eval_task, generate, kv_size, presets, train
 from loopformer.errors import LoopformerError
 
-COMMANDS = (presets, demo, train, eval_ppl, eval_task, generate, chat, kv_size)
+COMMANDS = (presets, demo, train, eval_ppl, eval_task, generate, chat, kv_size, analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:

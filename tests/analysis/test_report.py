@@ -1,0 +1,150 @@
+"""The analysis pipeline, its HTML / JSON report and ``loopformer analyze`` on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopformer.analysis.report import Section, render_html
+from loopformer.analysis.run import AnalysisOptions, InputGroup, analyze
+from loopformer.cli import main
+from loopformer.errors import InputError
+from loopformer.model import build_model
+from loopformer.tasks.encoding import task_tokenizer
+from loopformer.training.checkpoint import TrainingState, save_checkpoint
+from loopformer.training.tokenizer import TextTokenizer
+from support import small_config
+
+FIGURES = ("convergence.png", "pca.png", "path_independence.png", "logit_lens.png", "exits.png")
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+class TagChecker(HTMLParser):
+    """Records unbalanced tags and every image source."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs)["src"] or "")
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+def check_html(text: str) -> TagChecker:
+    checker = TagChecker()
+    checker.feed(text)
+    assert text.startswith("<!DOCTYPE html>")
+    assert not checker.errors and not checker.stack, (checker.errors, checker.stack)
+    assert all(src.startswith("data:image/png;base64,") for src in checker.images)  # self-contained
+    return checker
+
+
+def save(tmp: Path, tokenizer: TextTokenizer, **changes: object) -> str:
+    config = small_config(vocab_size=tokenizer.vocab_size, max_seq_len=64, **changes)
+    model = build_model(config, seed=0)
+    state = TrainingState(step=0, model=model.state_dict(), config=config, tokenizer_json=tokenizer.to_json())
+    save_checkpoint(tmp, state)
+    return str(tmp)
+
+
+def test_render_html_escapes_and_balances_tags(tmp_path: Path) -> None:
+    section = Section("A <b> title", "text & more", [], [(["x", "y"], [["<script>", 1.5]])])
+    checker = check_html(render_html("T", "intro", [section]))
+    assert checker.images == []
+    assert "<script>" not in render_html("T", "intro", [section])
+
+
+def test_analyze_writes_every_figure_and_a_consistent_report(tmp_path: Path) -> None:
+    model = build_model(small_config(), seed=0).eval()
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    scored = torch.ones_like(ids, dtype=torch.bool)
+    groups = [InputGroup("easy", ids, scored, [f"t{i}" for i in range(10)]), InputGroup("hard", ids[:2], scored[:2])]
+    options = AnalysisOptions(loops=6, reference_loops=24, exit_rules=("kl:1e-3", "latent-diff:0.05"), row=1)
+    numbers = analyze(model, groups, options, tmp_path, lambda t: f"<{t}>")
+    for name in FIGURES:
+        assert (tmp_path / name).stat().st_size > 1000
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report == json.loads(json.dumps(numbers))
+    assert set(report["groups"]) == {"easy", "hard"}
+    for group, rows in (("easy", 3), ("hard", 2)):
+        for stats in report["groups"][group]["exits"].values():
+            assert sum(stats["histogram"].values()) == rows * 10 and 1 <= stats["mean"] <= 6
+    assert -1.0 <= report["path_independence"]["overall"] <= 1.0
+    assert sum(report["convergence"]["status"].values()) == 30
+    assert 0 < sum(report["pca"]["explained"]) <= 1 + 1e-6
+    checker = check_html((tmp_path / "report.html").read_text())
+    assert len(checker.images) == len(FIGURES)
+
+
+def test_analyze_on_disk_and_zero_state_models(tmp_path: Path) -> None:
+    model = build_model(small_config(state_init="zero"), seed=0).eval()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    group = InputGroup("x", ids, torch.ones_like(ids, dtype=torch.bool), [str(i) for i in range(6)])
+    numbers = analyze(model, [group], AnalysisOptions(loops=4, reference_loops=8, on_disk=True), tmp_path, str)
+    assert numbers["path_independence"] is None  # every start is the same zero state
+    assert (tmp_path / "trajectory.npy").exists() and not (tmp_path / "path_independence.png").exists()
+
+
+def test_analysis_options_are_validated() -> None:
+    with pytest.raises(InputError, match="at least 2 loops"):
+        AnalysisOptions(loops=1)
+    with pytest.raises(InputError, match="reference loops"):
+        AnalysisOptions(loops=8, reference_loops=4)
+
+
+def test_cli_analyze_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = save(tmp_path / "run", TextTokenizer.byte_level())
+    out = tmp_path / "report"
+    argv = ["analyze", "--ckpt", ckpt, "--text", "loop state", "--out", str(out), "--loops", "4"]
+    assert main([*argv, "--curve-loops", "1,2,4", "--compare", ckpt, "--exit", "kl,cosine"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [c["loops"] for c in report["curves"]] == [[1, 2, 4], [1, 2, 4]]
+    assert set(report["groups"]["text"]["exits"]) == {"kl:0.0005", "cosine:0.001"}
+    assert (out / "curves.png").exists() and "report.html" in capsys.readouterr().err
+    check_html((out / "report.html").read_text())
+
+
+def test_cli_analyze_task(tmp_path: Path) -> None:
+    ckpt = save(tmp_path / "run", task_tokenizer(["0", "1"]))
+    out = tmp_path / "report"
+    argv = ["analyze", "--ckpt", ckpt, "--task", "prefix-parity", "--difficulty", "4,8", "--count", "3"]
+    assert main([*argv, "--out", str(out), "--loops", "4", "--curve-loops", "1,4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["groups"]) == {"length 4", "length 8"}
+    for group, length in (("length 4", 4), ("length 8", 8)):
+        for stats in report["groups"][group]["exits"].values():  # only the target positions count
+            assert sum(stats["histogram"].values()) == 3 * length
+    assert all(0 <= v <= 1 for curve in report["curves"] for v in curve["values"])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--text", "x", "--task", "prefix-parity", "--difficulty", "4"],
+        ["--task", "prefix-parity"],
+        ["--text", "x", "--loops", "1"],
+        ["--text", "x", "--row", "3"],
+        ["--text", "x" * 200],
+        ["--text", "x", "--exit", "nope"],
+        ["--task", "nope", "--difficulty", "4"],
+    ],
+)
+def test_cli_analyze_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
+    ckpt = save(tmp_path / "run", TextTokenizer.byte_level())
+    assert main(["analyze", "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--loops", "4", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loopformer: error:") and "Traceback" not in err
