@@ -53,7 +53,7 @@ def check_html(text: str) -> TagChecker:
 
 
 def save(tmp: Path, tokenizer: TextTokenizer, **changes: object) -> str:
-    config = small_config(vocab_size=tokenizer.vocab_size, max_seq_len=64, **changes)
+    config = small_config(**{"vocab_size": tokenizer.vocab_size, "max_seq_len": 64, **changes})
     model = build_model(config, seed=0)
     state = TrainingState(step=0, model=model.state_dict(), config=config, tokenizer_json=tokenizer.to_json())
     save_checkpoint(tmp, state)
@@ -93,9 +93,12 @@ def test_analyze_on_disk_and_zero_state_models(tmp_path: Path) -> None:
     model = build_model(small_config(state_init="zero"), seed=0).eval()
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
     group = InputGroup("x", ids, torch.ones_like(ids, dtype=torch.bool), [str(i) for i in range(6)])
-    numbers = analyze(model, [group], AnalysisOptions(loops=4, reference_loops=8, on_disk=True), tmp_path, str)
+    options = AnalysisOptions(loops=4, reference_loops=8, on_disk=True, normed=True)
+    numbers = analyze(model, [group], options, tmp_path, str)
     assert numbers["path_independence"] is None  # every start is the same zero state
     assert (tmp_path / "trajectory.npy").exists() and not (tmp_path / "path_independence.png").exists()
+    html = (tmp_path / "report.html").read_text()
+    assert "top 5" in html and html.count("<tr>") > 4 + 4  # the top-k table has one row per iteration
 
 
 def test_analysis_options_are_validated() -> None:
@@ -118,7 +121,7 @@ def test_cli_analyze_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_cli_analyze_task(tmp_path: Path) -> None:
-    ckpt = save(tmp_path / "run", task_tokenizer(["0", "1"]))
+    ckpt = save(tmp_path / "run", task_tokenizer(["0", "1"]), vocab_size=64)  # padded past the 16 tokenizer ids
     out = tmp_path / "report"
     argv = ["analyze", "--ckpt", ckpt, "--task", "prefix-parity", "--difficulty", "4,8", "--count", "3"]
     assert main([*argv, "--out", str(out), "--loops", "4", "--curve-loops", "1,4"]) == 0

@@ -50,6 +50,7 @@ class AnalysisOptions:
     seed: int = 0
     lens_k: int = 5
     on_disk: bool = False
+    normed: bool = False
 
     def __post_init__(self) -> None:
         if self.loops < 2:
@@ -66,6 +67,18 @@ class InputGroup:
     ids: torch.Tensor
     scored: torch.Tensor
     labels: list[str] = field(default_factory=list)
+
+
+def _top_k_table(
+    ids: torch.Tensor, probs: torch.Tensor, decode_token: Callable[[int], str]
+) -> tuple[list[str], list[list[Any]]]:
+    """Top-k predictions of the last position at every iteration: ``ids`` / ``probs`` [R, k]."""
+    headers = ["iteration", *(f"top {j + 1}" for j in range(ids.shape[1]))]
+    rows = [
+        [i + 1, *(f"{decode_token(int(t))} ({float(p):.2f})" for t, p in zip(ids[i], probs[i], strict=True))]
+        for i in range(ids.shape[0])
+    ]
+    return headers, rows
 
 
 def _default_tokens(length: int) -> tuple[int, ...]:
@@ -98,7 +111,7 @@ def analyze(
     sections: list[Section] = []
 
     path = out_dir / "trajectory.npy" if options.on_disk else None
-    trajectory = record_trajectory(model, main.ids, options.loops, seed=options.seed, path=path)
+    trajectory = record_trajectory(model, main.ids, options.loops, seed=options.seed, normed=options.normed, path=path)
     reference = model(main.ids, num_steps=options.reference_loops, seed=options.seed).state
     conv = convergence(trajectory, reference)
     numbers["convergence"] = {
@@ -135,8 +148,14 @@ def analyze(
         sections.append(Section("Path independence", "Not measured: this model starts every token from a zero state."))
     else:
         independence = path_independence(model, main.ids, options.loops, options.seeds)
-        numbers["path_independence"] = {"overall": float(independence.overall), "seeds": list(options.seeds)}
-        image = plot_path_independence(independence.per_token[row], labels, out_dir / "path_independence.png")
+        numbers["path_independence"] = {
+            "overall": float(independence.overall),
+            "spread_mean": float(independence.spread.float().mean()),
+            "seeds": list(options.seeds),
+        }
+        image = plot_path_independence(
+            independence.spread[row], independence.overall, labels, out_dir / "path_independence.png"
+        )
         sections.append(
             Section(
                 "Path independence",
@@ -159,7 +178,10 @@ def analyze(
             "Intermediate states decoded with the coda and head; 'settles at' is the first iteration from which the "
             "prediction equals the final one.",
             [image],
-            [(["position", "token", "final prediction", "settles at"], table[-40:])],
+            [
+                (["position", "token", "final prediction", "settles at"], table[-40:]),
+                _top_k_table(lens.top_ids[:, row, -1], lens.top_probs[:, row, -1], decode_token),
+            ],
         )
     )
 

@@ -26,7 +26,9 @@ from loopformer.training.tokenizer import TextTokenizer
 
 
 def _token_text(tokenizer: TextTokenizer, token: int) -> str:
-    """A token as a short printable label (whitespace made visible)."""
+    """A token as a short printable label (whitespace made visible; ids past the tokenizer as ``<id>``)."""
+    if token >= tokenizer.vocab_size:  # the model's vocabulary is padded beyond the tokenizer's
+        return f"<{token}>"
     text = tokenizer.decode([token]).replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423")
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text) or "\u2205"
 
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         row=args.row,
         seed=args.seed,
         on_disk=args.on_disk,
+        normed=args.normed,
     )
     curve_loops = parse_steps(args.curve_loops, "--curve-loops")
     others = [(Path(p), load_trained_model(Path(p), use_ema=args.ema)[0]) for p in args.compare]
@@ -130,6 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--curve-loops", default="1,2,4,8,16,32,64", help="loop counts of the metric curve")
     parser.add_argument("--compare", action="append", default=[], metavar="CKPT", help="more checkpoints for the curve")
     parser.add_argument("--on-disk", action="store_true", help="record the trajectory to OUT/trajectory.npy (float16)")
+    parser.add_argument("--normed", action="store_true", help="analyse states after the final norm")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial state and of the task examples")
     parser.set_defaults(run=run)
