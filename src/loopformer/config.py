@@ -127,6 +127,12 @@ class ModelConfig:
     per_loop_slots: int | None = None
     loop_overflow: str = "reuse-last"
     init_std: float | None = None
+    moe_routed: int = 0
+    moe_shared: int = 1
+    moe_top_k: int = 2
+    moe_hidden: int | None = None
+    moe_bias_rate: float = 1e-3
+    moe_aux_weight: float = 0.0
     recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
 
     def __post_init__(self) -> None:
@@ -170,8 +176,18 @@ class ModelConfig:
             self.n_kv_heads,
             f"must be >= 1 and divide n_heads ({self.n_heads})",
         )
-        for name in ("mlp_hidden", "per_loop_slots"):
+        for name in ("mlp_hidden", "per_loop_slots", "moe_hidden"):
             _check(getattr(self, name) >= 1, owner, name, getattr(self, name), "must be >= 1")
+        for name in ("moe_routed", "moe_shared", "moe_bias_rate", "moe_aux_weight"):
+            _check(getattr(self, name) >= 0, owner, name, getattr(self, name), "must be >= 0")
+        if self.moe_routed:
+            _check(
+                1 <= self.moe_top_k <= self.moe_routed,
+                owner,
+                "moe_top_k",
+                self.moe_top_k,
+                f"must lie in 1..moe_routed ({self.moe_routed})",
+            )
         for name in ("norm_eps", "init_std"):
             _check(getattr(self, name) > 0, owner, name, getattr(self, name), "must be > 0")
         _check(self.rope_base > 1, owner, "rope_base", self.rope_base, "must be > 1")
@@ -212,6 +228,11 @@ class ModelConfig:
             "n_kv_heads": self.n_heads,
             "mlp_hidden": 32 * math.ceil(8 * self.dim / 3 / 32),
             "per_loop_slots": 2 * self.recurrence.mean_steps,
+            # fine-grained experts: the active experts together are about as wide as the dense MLP
+            "moe_hidden": max(
+                1,
+                (self.mlp_hidden or 32 * math.ceil(8 * self.dim / 3 / 32)) // max(1, self.moe_shared + self.moe_top_k),
+            ),
             "init_std": math.sqrt(2 / (5 * self.dim)),
         }
 

@@ -20,26 +20,28 @@ def _mean_context(config: ModelConfig, seq_len: int) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
-def layer_flops(config: ModelConfig, seq_len: int, lora: bool = False) -> float:
-    """Forward FLOPs per token of one transformer layer."""
+def layer_flops(config: ModelConfig, seq_len: int, lora: bool = False, moe: bool = False) -> float:
+    """Forward FLOPs per token of one transformer layer (``moe``: the active experts and the router)."""
     q_width = config.n_heads * config.head_dim
     kv_width = config.n_kv_heads * config.head_dim
+    hidden = (config.moe_shared + config.moe_top_k) * config.moe_hidden if moe else config.mlp_hidden
     linears = [
         (config.dim, q_width + 2 * kv_width),
         (q_width, config.dim),
-        (config.dim, 2 * config.mlp_hidden),
-        (config.mlp_hidden, config.dim),
+        (config.dim, 2 * hidden),
+        (hidden, config.dim),
     ]
-    flops = sum(2 * i * o for i, o in linears)
+    flops = sum(2 * i * o for i, o in linears) + (2 * config.dim * config.moe_routed if moe else 0)
     if lora and config.lora_rank:
-        flops += sum(2 * config.lora_rank * (i + o) for i, o in linears)
+        adapted = linears[:2] if moe else linears  # experts carry no LoRA adapters
+        flops += sum(2 * config.lora_rank * (i + o) for i, o in adapted)
     return flops + 4 * q_width * _mean_context(config, seq_len)
 
 
 def core_step_flops(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one core iteration (injection state term + core layers)."""
     injection = 2 * config.dim * config.dim if config.injection == "concat" else 0
-    return injection + config.n_core * layer_flops(config, seq_len, lora=True)
+    return injection + config.n_core * layer_flops(config, seq_len, lora=True, moe=config.moe_routed > 0)
 
 
 def once_flops(config: ModelConfig, seq_len: int) -> float:

@@ -28,6 +28,7 @@ from loopformer.nn.injection import INJECTIONS, LTI_DT_INIT, LTIInjection
 from loopformer.nn.layer import Layer
 from loopformer.nn.linear import LoopLinear
 from loopformer.nn.loss import cross_entropy
+from loopformer.nn.moe import MoE
 from loopformer.nn.norm import RMSNorm
 from loopformer.recurrence import sample_depth
 
@@ -68,14 +69,19 @@ class LoopLM(nn.Module):
         self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude))
         self.injection = INJECTIONS[config.injection](config)
         self.loop_embedding = LoopEmbedding(config) if config.loop_embedding != "none" else None
-        self.core = nn.ModuleList(Layer(config, config.lora_rank, config.per_loop_slots) for _ in range(config.n_core))
+        moe = config.moe_routed > 0
+        self.core = nn.ModuleList(
+            Layer(config, config.lora_rank, config.per_loop_slots, moe=moe) for _ in range(config.n_core)
+        )
         self.coda = nn.ModuleList(Layer(config) for _ in range(config.n_coda))
         self.final_norm = RMSNorm(config.dim, config.norm_eps)
         self.head = None if config.tie_embeddings else LoopLinear(config.dim, config.vocab_size)
         for part in ("prelude", "core", "coda"):
             for index, layer in enumerate(getattr(self, part)):
                 layer.attn.cache_role = (part, index)
-        self._uses_slots = config.lora_rank > 0 or config.loop_embedding == "learned"
+        self._uses_slots = config.lora_rank > 0 or config.loop_embedding == "learned" or moe
+        # (iteration, core layer, expert load, auxiliary loss) of every MoE call in the current training forward
+        self.moe_records: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None
         self.reset_parameters(generator)
 
     # ----- initialisation -----------------------------------------------------------------
@@ -92,7 +98,7 @@ class LoopLM(nn.Module):
         normal(self.tok_emb.weight, std)
         for name, module in self.named_modules():
             if isinstance(module, LoopLinear):
-                is_out = name.endswith("attn.out") or name.endswith("mlp.proj")
+                is_out = name.endswith(("attn.out", "mlp.proj", "shared.proj"))
                 normal(module.weight, out_std if is_out else std)
                 if module.lora_a is not None:
                     normal(module.lora_a, std)
@@ -101,6 +107,11 @@ class LoopLM(nn.Module):
                 module.weight.fill_(1.0)
             elif isinstance(module, LoopEmbedding) and module.table is not None:
                 normal(module.table, std)
+            elif isinstance(module, MoE):
+                normal(module.fc, std)
+                normal(module.proj, out_std)
+                module.loop_bias.zero_()
+                module.balance_bias.zero_()
         for layer in self.layers():
             if layer.attn.q_bias is not None:
                 layer.attn.q_bias.zero_()
@@ -171,6 +182,10 @@ class LoopLM(nn.Module):
             x = self.loop_embedding(x, index, slot)
         for layer in self.core:
             x = layer(x, ctx, slot)
+        if self.moe_records is not None:
+            self.moe_records += [
+                (index, j, layer.mlp.last_load, layer.mlp.last_aux) for j, layer in enumerate(self.core)
+            ]
         return x
 
     def decode(self, state: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -270,10 +285,34 @@ class LoopLM(nn.Module):
             raise InputError(f"initial_state must have shape {tuple(e.shape)}, got {tuple(initial_state.shape)}.")
         else:
             state = initial_state.to(self.tok_emb.weight.dtype)
+        self.moe_records = [] if self.training and self.config.moe_routed else None
         state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, on_state)
         logits = self.decode(state, ctx)
         loss = lm_loss(logits, labels) if labels is not None else None
+        if loss is not None and self.moe_records and self.config.moe_aux_weight > 0:
+            aux = torch.stack([record[3] for record in self.moe_records]).mean()
+            loss = loss + self.config.moe_aux_weight * aux
         return LoopOutput(logits=logits, loss=loss, state=state, steps=steps, states=states)
+
+    # ----- mixture of experts -------------------------------------------------------------
+    def moe_loads(self) -> torch.Tensor | None:
+        """Expert loads of the last training forward, [iterations, core layers, experts] (None without MoE).
+
+        Read it before ``backward``: activation checkpointing re-runs iterations during the backward pass.
+        """
+        if not self.moe_records:
+            return None
+        iterations = max(record[0] for record in self.moe_records) + 1
+        loads = torch.zeros(iterations, self.config.n_core, self.config.moe_routed)
+        for index, layer, load, _ in self.moe_records:
+            loads[index, layer] = load.detach().float().cpu()
+        return loads
+
+    @torch.no_grad()
+    def update_moe_balance(self, loads: torch.Tensor) -> None:
+        """Aux-loss-free balancing of every MoE layer from its loads ``[core layers, experts]``."""
+        for layer, load in zip(self.core, loads, strict=True):
+            layer.mlp.update_balance(load.to(layer.mlp.balance_bias.device))
 
     def _resolve_depth(
         self,

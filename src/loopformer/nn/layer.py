@@ -8,6 +8,7 @@ from torch import nn
 from loopformer.config import ModelConfig
 from loopformer.nn.attention import Attention, AttentionContext
 from loopformer.nn.mlp import SwiGLU
+from loopformer.nn.moe import MoE
 from loopformer.nn.norm import RMSNorm
 
 
@@ -15,14 +16,25 @@ class Layer(nn.Module):
     """sandwich: ``x = n2(x + attn(n1(x))); x = n4(x + mlp(n3(x)))``;
     pre: ``x = x + attn(n1(x)); x = x + mlp(n3(x))``."""
 
-    def __init__(self, config: ModelConfig, lora_rank: int = 0, lora_slots: int = 0) -> None:
+    def __init__(self, config: ModelConfig, lora_rank: int = 0, lora_slots: int = 0, moe: bool = False) -> None:
         super().__init__()
         self.sandwich = config.norm_layout == "sandwich"
         eps = config.norm_eps
         self.norm_1 = RMSNorm(config.dim, eps)
         self.attn = Attention(config, lora_rank, lora_slots)
         self.norm_3 = RMSNorm(config.dim, eps)
-        self.mlp = SwiGLU(config.dim, config.mlp_hidden, lora_rank, lora_slots)
+        if moe:
+            self.mlp = MoE(
+                config.dim,
+                config.moe_hidden,
+                config.moe_routed,
+                config.moe_top_k,
+                config.moe_shared,
+                loop_slots=config.per_loop_slots,
+                bias_rate=config.moe_bias_rate,
+            )
+        else:
+            self.mlp = SwiGLU(config.dim, config.mlp_hidden, lora_rank, lora_slots)
         self.norm_2 = RMSNorm(config.dim, eps) if self.sandwich else None
         self.norm_4 = RMSNorm(config.dim, eps) if self.sandwich else None
 

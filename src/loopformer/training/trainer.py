@@ -122,6 +122,7 @@ class Trainer:
         self.progress_enabled = progress
         self.progress: ProgressBar | None = None  # exists while the loop runs
         self.step_shape = (0, 0)  # (tokens in the global batch, row width) of the latest step
+        self.moe_metrics: dict[str, Any] = {}  # expert-load statistics of the latest step (MoE models)
 
     # ----- setup --------------------------------------------------------------------------
     def _restore_source(self) -> TrainingState | None:
@@ -291,6 +292,7 @@ class Trainer:
         set_learning_rate(self.optimizer, self._lr(self.step))
         depth = self._depth()
         loss_sum = torch.zeros((), dtype=torch.float64)
+        moe_loads: list[torch.Tensor] = []
         for micro, batch in self._micro_batches():
             steps = depth
             if isinstance(depth, torch.Tensor):
@@ -309,6 +311,9 @@ class Trainer:
                         checkpoint_steps=cfg.activation_checkpointing,
                         **self.forward_kwargs(batch),
                     )
+                loads = self.model.moe_loads()  # before backward, which may re-run checkpointed iterations
+                if loads is not None:
+                    moe_loads.append(loads)
                 (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().double().cpu()
         flags = torch.tensor([float(loss_sum), float(stop.requested)], dtype=torch.float64, device=device)
@@ -322,12 +327,25 @@ class Trainer:
             skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
+            if moe_loads:
+                self._balance_experts(moe_loads)
             if self.ema is not None:
                 self.ema.update(self.model, updates=self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.step_shape[0]
         return loss, grad_norm, depth, skipped, stop_requested
+
+    def _balance_experts(self, loads: list[torch.Tensor]) -> None:
+        """Update the routers' balance biases from this step's expert loads; keep the load statistics to log."""
+        iterations = min(load.shape[0] for load in loads)
+        per_loop = torch.stack([load[:iterations] for load in loads]).mean(dim=0)  # [iterations, layers, experts]
+        self.model.update_moe_balance(per_loop.mean(dim=0))
+        imbalance = per_loop.amax(dim=-1) / per_loop.mean(dim=-1).clamp_min(1e-12)  # [iterations, layers]
+        self.moe_metrics = {
+            "moe_imbalance": float(imbalance.mean()),
+            "moe_imbalance_by_loop": [round(float(v), 4) for v in imbalance.mean(dim=1)],
+        }
 
     def _lr(self, step: int) -> float:
         cfg = self.config
@@ -472,5 +490,6 @@ class Trainer:
             tokens_per_s=window["tokens"] / elapsed,
             flops_per_s=achieved,
             mfu=achieved / peak if peak > 0 else math.nan,
+            **self.moe_metrics,
         )
         window.update(start=time.perf_counter(), loss=0.0, count=0, flops=0.0, tokens=0)
