@@ -27,6 +27,7 @@ STATE_INITS = ("like-init", "zero")
 LOOP_EMBEDDINGS = ("none", "sinusoidal", "learned")
 LOOP_OVERFLOW_POLICIES = ("reuse-last", "cycle", "off")
 DEPTH_SAMPLERS = ("lognormal-poisson", "fixed", "uniform", "poisson", "geometric")
+HALTING_MODES = ("none", "act")
 
 
 def _check(ok: bool, owner: str, name: str, value: Any, allowed: str) -> None:
@@ -133,6 +134,13 @@ class ModelConfig:
     moe_hidden: int | None = None
     moe_bias_rate: float = 1e-3
     moe_aux_weight: float = 0.0
+    memory_dim: int = 0
+    # learned ACT halting (loopformer.nn.halting): head bias, Graves ponder cost, optional PonderNet prior
+    halting: str = "none"
+    halting_bias_init: float = -3.0
+    ponder_cost: float = 1e-3
+    halting_prior: float | None = None
+    halting_kl_weight: float = 0.01
     recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
 
     def __post_init__(self) -> None:
@@ -178,7 +186,7 @@ class ModelConfig:
         )
         for name in ("mlp_hidden", "per_loop_slots", "moe_hidden"):
             _check(getattr(self, name) >= 1, owner, name, getattr(self, name), "must be >= 1")
-        for name in ("moe_routed", "moe_shared", "moe_bias_rate", "moe_aux_weight"):
+        for name in ("moe_routed", "moe_shared", "moe_bias_rate", "moe_aux_weight", "memory_dim"):
             _check(getattr(self, name) >= 0, owner, name, getattr(self, name), "must be >= 0")
         if self.moe_routed:
             _check(
@@ -201,6 +209,13 @@ class ModelConfig:
         _check_choice(owner, "loop_overflow", self.loop_overflow, LOOP_OVERFLOW_POLICIES)
         _check(0 < self.lti_eps < 1, owner, "lti_eps", self.lti_eps, "must lie in (0, 1)")
         _check(self.state_init_std >= 0, owner, "state_init_std", self.state_init_std, "must be >= 0")
+        _check_choice(owner, "halting", self.halting, HALTING_MODES)
+        _check(math.isfinite(self.halting_bias_init), owner, "halting_bias_init", self.halting_bias_init, "must be finite")
+        for name in ("ponder_cost", "halting_kl_weight"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, owner, name, value, "must be a finite number >= 0")
+        if self.halting_prior is not None:
+            _check(0 < self.halting_prior < 1, owner, "halting_prior", self.halting_prior, "must be None or in (0, 1)")
 
     # ----- derived quantities -------------------------------------------------------------
     @property

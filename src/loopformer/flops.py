@@ -48,7 +48,8 @@ def once_flops(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token outside the loop: prelude, injection input term, coda, head."""
     injection = 2 * config.dim * config.dim if config.injection in ("concat", "lti") else 0
     head = 2 * config.dim * config.vocab_size
-    return (config.n_prelude + config.n_coda) * layer_flops(config, seq_len) + injection + head
+    memory = 4 * config.dim * config.dim if config.memory_dim else 0  # the read's query and output projections
+    return (config.n_prelude + config.n_coda) * layer_flops(config, seq_len) + injection + head + memory
 
 
 def forward_flops_per_token(config: ModelConfig, steps: int, seq_len: int) -> float:

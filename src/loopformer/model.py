@@ -28,6 +28,7 @@ from loopformer.nn.injection import INJECTIONS, LTI_DT_INIT, LTIInjection
 from loopformer.nn.layer import Layer
 from loopformer.nn.linear import LoopLinear
 from loopformer.nn.loss import cross_entropy
+from loopformer.nn.memory import NO_PATHWAY, Memory, MemoryMixer, as_memory
 from loopformer.nn.moe import MoE
 from loopformer.nn.norm import RMSNorm
 from loopformer.recurrence import sample_depth
@@ -67,6 +68,7 @@ class LoopLM(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude))
+        self.memory = MemoryMixer(config) if config.memory_dim else None
         self.injection = INJECTIONS[config.injection](config)
         self.loop_embedding = LoopEmbedding(config) if config.loop_embedding != "none" else None
         moe = config.moe_routed > 0
@@ -116,6 +118,9 @@ class LoopLM(nn.Module):
             if layer.attn.q_bias is not None:
                 layer.attn.q_bias.zero_()
                 layer.attn.k_bias.zero_()
+        if self.memory is not None:
+            self.memory.out.weight.zero_()  # a fresh pathway leaves the model's function unchanged
+            self.memory.null_key.zero_()
         if isinstance(self.injection, LTIInjection):
             self.injection.log_a.zero_()
             self.injection.dt_bias.fill_(LTI_DT_INIT)
@@ -147,13 +152,20 @@ class LoopLM(nn.Module):
             ctx.mask = attention_mask
         return ctx
 
-    def embed(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Token embedding -> prelude -> the injection's input-side term (computed once, reused r times)."""
+    def embed(self, input_ids: torch.Tensor, ctx: AttentionContext, memory: Memory | None = None) -> torch.Tensor:
+        """Token embedding -> prelude (-> memory read) -> the injection's input-side term (once, reused r times).
+
+        ``memory`` (see :func:`loopformer.nn.memory.as_memory`) needs a model with ``memory_dim > 0``.
+        """
         x = self.tok_emb(input_ids)
         if self.config.embed_scale:
             x = x * math.sqrt(self.config.dim)
         for layer in self.prelude:
             x = layer(x, ctx)
+        if memory is not None:
+            if self.memory is None:
+                raise InputError(NO_PATHWAY)
+            x = self.memory(x, memory)
         return self.injection.prepare(x)
 
     def init_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -261,6 +273,8 @@ class LoopLM(nn.Module):
         checkpoint_steps: bool = False,
         on_state: StateVisitor | None = None,
         initial_state: torch.Tensor | None = None,
+        memory: Memory | torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> LoopOutput:
         """Logits (and loss if ``labels``) for ``input_ids`` [B, T].
 
@@ -269,6 +283,8 @@ class LoopLM(nn.Module):
         ``backprop_depth``: iterations with gradient; in training mode it defaults to the config's.
         ``generator`` / ``seed``: the random initial state's source; ``initial_state`` [B, T, D] replaces it.
         ``attention_mask``: see :meth:`context`; ``checkpoint_steps`` and ``on_state``: see :meth:`recur`.
+        ``memory`` [M, memory_dim] or [B, M, memory_dim] (+ ``memory_mask`` [B, M]): conditioning vectors for the
+        memory pathway (models with ``memory_dim > 0``).
         """
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}.")
@@ -278,7 +294,8 @@ class LoopLM(nn.Module):
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         ctx = self.context(input_ids, attention_mask=attention_mask)
-        e = self.embed(input_ids, ctx)
+        memory = as_memory(memory, input_ids.shape[0], self.config.memory_dim, memory_mask)
+        e = self.embed(input_ids, ctx, memory)
         if initial_state is None:
             state = self.init_state(e, generator)
         elif initial_state.shape != e.shape:

@@ -332,8 +332,8 @@ def record_passes(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> list[dict[
             passes.append({"first": state.clone()})
         return original_step(state, e, index, ctx)
 
-    def run_pass(cache, rows, ids, positions, real, loops, rule, start, config):
-        result = original_pass(cache, rows, ids, positions, real, loops, rule, start, config)
+    def run_pass(cache, rows, ids, positions, real, loops, rule, start, config, memory=None):
+        result = original_pass(cache, rows, ids, positions, real, loops, rule, start, config, memory)
         passes[-1].update(rows=rows.clone(), positions=positions.clone(), final=result.state.clone())
         return result
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from loopformer.cli.generate import summary
-from loopformer.cli.generation_args import add_generation_arguments, generation_config, load_engine
+from loopformer.cli.generation_args import add_generation_arguments, generation_config, load_engine, load_memory
 from loopformer.errors import InputError, LoopformerError
 from loopformer.inference.chat import Message, encode_chat, reply_stop_tokens
 from loopformer.inference.engine import GenerationConfig
@@ -47,6 +47,7 @@ SETTINGS: dict[str, Callable[[GenerationConfig, str], GenerationConfig]] = {
 def run(args: argparse.Namespace, read: Callable[[str], str] = input) -> int:
     engine, path = load_engine(args)
     config = generation_config(args, stop_tokens=reply_stop_tokens(engine.tokenizer))
+    memory = load_memory(args, engine)
     system = [Message("system", args.system)] if args.system else []
     messages: list[Message] = []
     print(f"chatting with {path} at {engine.resolve_loops(config)} loops; {HELP}", file=sys.stderr)
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, read: Callable[[str], str] = input) -> int:
             if not line.strip():
                 continue
             turn = [*messages, Message("user", line)]  # kept only once the reply is done
-            stream = engine.stream([encode_chat(engine.tokenizer, system + turn)], config)
+            stream = engine.stream([encode_chat(engine.tokenizer, system + turn)], config, memory=memory)
             for event in stream:
                 print(event.text, end="", flush=True)
             print()

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from loopformer.cli.generation_args import add_generation_arguments, generation_config, load_engine
+from loopformer.cli.generation_args import add_generation_arguments, generation_config, load_engine, load_memory
 from loopformer.errors import InputError
 from loopformer.inference.chat import encode_prompt
 from loopformer.inference.engine import GenerationResult
@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give at least one --prompt TEXT.")
     engine, path = load_engine(args)
     config = generation_config(args)
+    memory = load_memory(args, engine)
     prompts = [encode_prompt(engine.tokenizer, text) for text in args.prompt]
     if args.json:
-        result = engine.generate(prompts, config)
+        result = engine.generate(prompts, config, memory=memory)
         record = {
             "checkpoint": str(path),
             "loops": engine.resolve_loops(config),
@@ -55,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record))
         return 0
     if len(prompts) == 1:
-        stream = engine.stream(prompts, config)  # validates the prompt and the settings before printing
+        stream = engine.stream(prompts, config, memory=memory)  # validates the prompt and the settings before printing
         print(args.prompt[0], end="", flush=True)
         for event in stream:
             print(event.text, end="", flush=True)
         print()
         result = stream.result
     else:
-        result = engine.generate(prompts, config)
+        result = engine.generate(prompts, config, memory=memory)
         for text, output in zip(args.prompt, result.outputs, strict=True):
             print(f"{text}{output.text}\n")
     if not args.quiet:

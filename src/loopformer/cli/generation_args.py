@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from loopformer.errors import InputError
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.exits import parse_exit_rule
+from loopformer.inference.memory_file import load_memory_file
 from loopformer.inference.sampling import SamplingConfig
+from loopformer.nn.memory import NO_PATHWAY
 from loopformer.training.checkpoint import load_trained_model
 from loopformer.training.tokenizer import TextTokenizer
 
@@ -24,6 +28,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     depth.add_argument("--kv", default="full", help="KV slot policy: full, last or ring:K (default: full)")
     depth.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
     depth.add_argument("--speculative", metavar="DRAFT:LOOKAHEAD", help="self-speculative decoding, e.g. 4:8")
+    parser.add_argument(
+        "--memory",
+        metavar="FILE",
+        help="memory vectors (.safetensors / .npy, [vectors, dim] or [prompts, vectors, dim]) for the memory pathway",
+    )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", type=int, default=128)
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -70,6 +79,19 @@ def generation_config(args: argparse.Namespace, stop_tokens: tuple[int, ...] | N
         stop_strings=tuple(args.stop),
         state_seed=args.seed,
     )
+
+
+def load_memory(args: argparse.Namespace, engine: Engine) -> torch.Tensor | None:
+    """The ``--memory`` vectors, checked against the model (None without the flag)."""
+    if args.memory is None:
+        return None
+    memory_dim = engine.model.config.memory_dim
+    if memory_dim == 0:
+        raise InputError(f"--memory: {NO_PATHWAY}")
+    vectors = load_memory_file(args.memory)
+    if vectors.shape[-1] != memory_dim:
+        raise InputError(f"--memory holds vectors of width {vectors.shape[-1]}; this model takes {memory_dim}.")
+    return vectors
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Engine, Path]:

@@ -31,6 +31,7 @@ from loopformer.inference.sampling import SamplingConfig, choose_tokens
 from loopformer.inference.text import TextStream
 from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
+from loopformer.nn.memory import Memory, as_memory
 from loopformer.training.tokenizer import TextTokenizer
 
 
@@ -149,8 +150,15 @@ class PassResult:
 class Session:
     """The state of one batched generation: cache, histories, each row's next-token logits and final state."""
 
-    def __init__(self, engine: Engine, ids: torch.Tensor, real: torch.Tensor, config: GenerationConfig) -> None:
-        self.engine, self.config = engine, config
+    def __init__(
+        self,
+        engine: Engine,
+        ids: torch.Tensor,
+        real: torch.Tensor,
+        config: GenerationConfig,
+        memory: Memory | None = None,
+    ) -> None:
+        self.engine, self.config, self.memory = engine, config, memory
         self.loops = engine.resolve_loops(config)
         batch, width = ids.shape
         extra = config.speculative[1] + 1 if config.speculative else 0
@@ -186,12 +194,18 @@ class Session:
         self.generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
         rows = torch.arange(batch, device=ids.device)
         positions = (real.long().cumsum(dim=1) - 1).clamp_min(0)
-        result = engine.run_pass(self.cache, rows, ids, positions, real, self.loops, None, None, config)
+        result = engine.run_pass(
+            self.cache, rows, ids, positions, real, self.loops, None, None, config, self.memory_of(rows)
+        )
         self.cache.commit(rows, torch.full_like(rows, width), result.steps)
         self.logits = result.logits[:, -1].float()
         self.last_state = result.state[:, -1]
         self.pending_steps = result.steps[:, -1].clone()  # iterations behind each row's pending logits
         self.acceptance_rate: float | None = None
+
+    def memory_of(self, rows: torch.Tensor) -> Memory | None:
+        """The memory vectors of ``rows`` (None without memory)."""
+        return None if self.memory is None else self.memory.select(rows)
 
     @property
     def alive_rows(self) -> torch.Tensor:
@@ -234,7 +248,16 @@ class Session:
         positions = self.cache.next_positions(rows)[:, None]
         start = self.last_state[rows][:, None] if self.config.warm_start else None
         result = self.engine.run_pass(
-            self.cache, rows, tokens[:, None], positions, None, self.loops, self.config.exit, start, self.config
+            self.cache,
+            rows,
+            tokens[:, None],
+            positions,
+            None,
+            self.loops,
+            self.config.exit,
+            start,
+            self.config,
+            self.memory_of(rows),
         )
         self.cache.commit(rows, torch.ones_like(rows), result.steps)
         self.logits[rows] = result.logits[:, 0].float()
@@ -264,15 +287,21 @@ def _check_speculative(config: GenerationConfig, loops: int) -> None:
 class GenerationStream:
     """The events of one generation call; after iterating to the end, :attr:`result` holds the summary."""
 
-    def __init__(self, engine: Engine, prompt: tuple[torch.Tensor, torch.Tensor], config: GenerationConfig) -> None:
-        self.engine, self.prompt, self.config = engine, prompt, config
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: tuple[torch.Tensor, torch.Tensor],
+        config: GenerationConfig,
+        memory: Memory | None = None,
+    ) -> None:
+        self.engine, self.prompt, self.config, self.memory = engine, prompt, config, memory
         self.result: GenerationResult | None = None
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[TokenEvent]:
         started = time.perf_counter()
         ids, real = self.prompt
-        session = Session(self.engine, ids, real, self.config)
+        session = Session(self.engine, ids, real, self.config, self.memory)
         yield from self.engine.events(session)
         self.result = session.result(time.perf_counter() - started, session.acceptance_rate)
 
@@ -330,12 +359,15 @@ class Engine:
         rule: ExitRule | None,
         start: torch.Tensor | None,
         config: GenerationConfig,
+        memory: Memory | None = None,
     ) -> PassResult:
-        """Feed ``ids`` [b, T] for cache rows ``rows``; exits (T = 1 only) and compaction as in the module docstring."""
+        """Feed ``ids`` [b, T] for cache rows ``rows``; exits (T = 1 only) and compaction as in the module docstring.
+
+        ``memory``: the memory vectors of these rows (memory-pathway models)."""
         model = self.model
         kv = cache.begin(rows, positions, real)
         ctx = AttentionContext.for_positions(model.config, positions, kv.mask, kv)
-        e = model.embed(ids, ctx)
+        e = model.embed(ids, ctx, memory)
         state = self.initial_state(positions, config.state_seed) if start is None else start
         if rule is None:
             state, _ = model.recur(state, e, ctx, loops)
@@ -454,19 +486,35 @@ class Engine:
         return ids.to(self.device), real.to(self.device)
 
     def stream(
-        self, prompts, config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None
+        self,
+        prompts,
+        config: GenerationConfig | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory: Memory | torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> GenerationStream:
-        """Generate for a batch of prompts; iterate the result to get each new token as soon as it is chosen."""
+        """Generate for a batch of prompts; iterate the result to get each new token as soon as it is chosen.
+
+        ``memory`` [M, memory_dim] (every prompt) or [B, M, memory_dim] (+ ``memory_mask`` [B, M]) conditions a
+        memory-pathway model.
+        """
         config = config or GenerationConfig()
         if config.speculative is not None:
             _check_speculative(config, self.resolve_loops(config))  # refused before the caller prints anything
-        return GenerationStream(self, self.prepare(prompts, attention_mask), config)
+        ids, real = self.prepare(prompts, attention_mask)
+        return GenerationStream(self, (ids, real), config, self._memory(memory, memory_mask, ids.shape[0]))
 
     def generate(
-        self, prompts, config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None
+        self,
+        prompts,
+        config: GenerationConfig | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory: Memory | torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> GenerationResult:
-        """Generate for a batch of prompts: texts, id lists, or a [B, T] tensor with its ``attention_mask``."""
-        stream = self.stream(prompts, config, attention_mask)
+        """Generate for a batch of prompts: texts, id lists, or a [B, T] tensor with its ``attention_mask``;
+        ``memory`` as in :meth:`stream`."""
+        stream = self.stream(prompts, config, attention_mask, memory, memory_mask)
         for _ in stream:
             pass
         return stream.result
@@ -488,8 +536,18 @@ class Engine:
             if bool(keep.any()):
                 session.feed(rows[keep], tokens[keep])
 
+    def _memory(self, memory: Memory | torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> Memory | None:
+        checked = as_memory(memory, batch, self.model.config.memory_dim, mask)
+        return None if checked is None else checked.to(self.device)
+
     @torch.inference_mode()
-    def score(self, ids: torch.Tensor, config: GenerationConfig | None = None) -> Scores:
+    def score(
+        self,
+        ids: torch.Tensor,
+        config: GenerationConfig | None = None,
+        memory: Memory | torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> Scores:
         """Teacher-forced scoring token by token, with the config's exits, warm start and KV policy.
 
         ``ids`` [B, T] (rows of equal length). Returns the log-probability of each next token and the model's
@@ -500,7 +558,13 @@ class Engine:
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise InputError("score needs ids of shape [batch, seq] with seq >= 2.")
         prefix = ids[:, :1]
-        session = Session(self, prefix, torch.ones_like(prefix, dtype=torch.bool), _scoring(config, ids.shape[1]))
+        session = Session(
+            self,
+            prefix,
+            torch.ones_like(prefix, dtype=torch.bool),
+            _scoring(config, ids.shape[1]),
+            self._memory(memory, memory_mask, ids.shape[0]),
+        )
         rows = torch.arange(ids.shape[0], device=ids.device)
         log_probs, predictions = [], []
         steps = [torch.full((ids.shape[0],), session.loops, dtype=torch.long, device=ids.device)]

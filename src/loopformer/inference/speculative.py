@@ -56,7 +56,9 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
         drafts, draft_probs = [], []
         for j in range(lookahead):
             positions = (first_position + j)[:, None]
-            result = engine.run_pass(cache, rows, token[:, None], positions, None, draft_loops, None, None, config)
+            result = engine.run_pass(
+                cache, rows, token[:, None], positions, None, draft_loops, None, None, config, session.memory_of(rows)
+            )
             cache.commit(rows, torch.ones_like(rows), result.steps)
             probs = next_token_probs(result.logits[:, 0].float(), sampling, torch.cat((history, *drafts), dim=1))
             token = (
@@ -70,7 +72,9 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
         draft = torch.cat(drafts, dim=1)
         inputs = torch.cat((pending[rows][:, None], draft), dim=1)
         positions = first_position[:, None] + torch.arange(lookahead + 1, device=cache.device)
-        result = engine.run_pass(cache, rows, inputs, positions, None, session.loops, None, None, config)
+        result = engine.run_pass(
+            cache, rows, inputs, positions, None, session.loops, None, None, config, session.memory_of(rows)
+        )
         target_probs = torch.stack(
             [
                 next_token_probs(result.logits[:, j].float(), sampling, torch.cat((history, draft[:, :j]), dim=1))
