@@ -15,6 +15,7 @@ EXACT_COUNTS = {
     "anima-50m": 52_236_416,
     "anima-100m": 102_766_592,
     "anima-200m": 205_232_640,
+    "mythos-tiny": 2_435_584,
     "huginn-3.5b": 3_564_976_800,
     "parcae-140m": 68_235_264,
     "parcae-370m": 186_413_056,
@@ -56,13 +57,20 @@ def test_huginn_breakdown_matches_reference() -> None:
     assert model.tok_emb.weight.numel() == 346_030_080
 
 
-@pytest.mark.parametrize("name", ["tiny", "anima-micro"])
+@pytest.mark.parametrize("name", ["tiny", "anima-micro", "mythos-tiny"])
 def test_small_presets_run_a_forward_pass(name: str) -> None:
     config = get_preset(name)
     model = build_model(config, seed=0).eval()
     with torch.no_grad():
         out = model(torch.randint(0, config.vocab_size, (1, 8)), num_steps=2, seed=0)
     assert out.logits.shape == (1, 8, config.vocab_size) and torch.isfinite(out.logits).all()
+
+
+def test_mythos_preset_combines_the_openmythos_features() -> None:
+    config = get_preset("mythos-tiny")
+    assert config.attention == "mla" and config.moe_routed == 8 and config.moe_top_k == 2 and config.moe_shared == 1
+    assert config.injection == "lti" and config.loop_embedding == "sinusoidal" and config.lora_rank == 4
+    assert count("mythos-tiny") < 3_000_000  # trainable on a laptop CPU
 
 
 def test_unknown_preset_lists_known_names() -> None:

@@ -28,6 +28,7 @@ LOOP_EMBEDDINGS = ("none", "sinusoidal", "learned")
 LOOP_OVERFLOW_POLICIES = ("reuse-last", "cycle", "off")
 DEPTH_SAMPLERS = ("lognormal-poisson", "fixed", "uniform", "poisson", "geometric")
 HALTING_MODES = ("none", "act")
+ATTENTIONS = ("mha", "mla")
 
 
 def _check(ok: bool, owner: str, name: str, value: Any, allowed: str) -> None:
@@ -134,6 +135,12 @@ class ModelConfig:
     moe_hidden: int | None = None
     moe_bias_rate: float = 1e-3
     moe_aux_weight: float = 0.0
+    # Multi-Latent Attention (loopformer.nn.mla): "mla" caches a latent of width mla_kv_rank and one shared RoPE key
+    # of width mla_rope_dim per token; mla_q_rank > 0 gives low-rank queries ("mha" covers GQA via n_kv_heads)
+    attention: str = "mha"
+    mla_kv_rank: int | None = None
+    mla_q_rank: int = 0
+    mla_rope_dim: int | None = None
     memory_dim: int = 0
     # learned ACT halting (loopformer.nn.halting): head bias, Graves ponder cost, optional PonderNet prior
     halting: str = "none"
@@ -141,6 +148,7 @@ class ModelConfig:
     ponder_cost: float = 1e-3
     halting_prior: float | None = None
     halting_kl_weight: float = 0.01
+    halting_warmup_steps: int = 0
     recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
 
     def __post_init__(self) -> None:
@@ -210,12 +218,34 @@ class ModelConfig:
         _check(0 < self.lti_eps < 1, owner, "lti_eps", self.lti_eps, "must lie in (0, 1)")
         _check(self.state_init_std >= 0, owner, "state_init_std", self.state_init_std, "must be >= 0")
         _check_choice(owner, "halting", self.halting, HALTING_MODES)
-        _check(math.isfinite(self.halting_bias_init), owner, "halting_bias_init", self.halting_bias_init, "must be finite")
+        bias = self.halting_bias_init
+        _check(math.isfinite(bias), owner, "halting_bias_init", bias, "must be finite")
         for name in ("ponder_cost", "halting_kl_weight"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, owner, name, value, "must be a finite number >= 0")
+        warmup = self.halting_warmup_steps
+        _check(warmup >= 0, owner, "halting_warmup_steps", warmup, "must be >= 0")
         if self.halting_prior is not None:
             _check(0 < self.halting_prior < 1, owner, "halting_prior", self.halting_prior, "must be None or in (0, 1)")
+        self._check_mla()
+
+    def _check_mla(self) -> None:
+        owner = "ModelConfig"
+        _check_choice(owner, "attention", self.attention, ATTENTIONS)
+        _check(self.mla_kv_rank >= 1, owner, "mla_kv_rank", self.mla_kv_rank, "must be >= 1")
+        _check(self.mla_q_rank >= 0, owner, "mla_q_rank", self.mla_q_rank, "must be >= 0 (0 = full-rank queries)")
+        rope = self.mla_rope_dim
+        _check(rope >= 2 and rope % 2 == 0, owner, "mla_rope_dim", rope, "must be a positive even number")
+        if self.attention == "mla":
+            for name in ("qk_bias", "qk_norm"):
+                _check(not getattr(self, name), owner, name, getattr(self, name), "must be False with attention='mla'")
+            _check(
+                self.n_kv_heads == self.n_heads,
+                owner,
+                "n_kv_heads",
+                self.n_kv_heads,
+                f"must equal n_heads ({self.n_heads}) with attention='mla' (its keys and values come from one latent)",
+            )
 
     # ----- derived quantities -------------------------------------------------------------
     @property
@@ -232,6 +262,8 @@ class ModelConfig:
     def attention_kind(self) -> str:
         """Human-readable attention variant, e.g. ``GQA 8/2`` or ``MHA, window 64``."""
         kind = "MHA" if self.n_kv_heads == self.n_heads else f"GQA {self.n_heads}/{self.n_kv_heads}"
+        if self.attention == "mla":
+            kind = f"MLA latent {self.mla_kv_rank} + RoPE key {self.mla_rope_dim}"
         if self.sliding_window is not None:
             kind += f", window {self.sliding_window}"
         return kind
@@ -249,7 +281,14 @@ class ModelConfig:
                 (self.mlp_hidden or 32 * math.ceil(8 * self.dim / 3 / 32)) // max(1, self.moe_shared + self.moe_top_k),
             ),
             "init_std": math.sqrt(2 / (5 * self.dim)),
+            "mla_kv_rank": max(1, self.dim // 4),
+            "mla_rope_dim": max(2, 2 * ((self.head_dim or self.dim // self.n_heads) // 4)),
         }
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotated part of a query / key: ``head_dim``, or ``mla_rope_dim`` with MLA."""
+        return self.mla_rope_dim if self.attention == "mla" else self.head_dim
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes`` applied and validated; ``recurrence`` may be a dict of changes.

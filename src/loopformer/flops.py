@@ -2,8 +2,9 @@
 
 Training cost per token = 3 x forward for everything that carries gradient (prelude, coda, head, the
 injection's input term, the last k core iterations) + 1 x forward for the r - k no-grad iterations.
-Attention scores and values cost 4 * n_heads * head_dim * context FLOPs per token and layer, with the
-mean causal context (T + 1) / 2, or the window when smaller.
+Attention scores and values cost 4 * n_heads * head_dim * context FLOPs per token and layer (MLA: plus
+2 * n_heads * mla_rope_dim for the RoPE part of the scores, counted on the naive path the training forward
+takes), with the mean causal context (T + 1) / 2, or the window when smaller.
 """
 
 from __future__ import annotations
@@ -20,28 +21,37 @@ def _mean_context(config: ModelConfig, seq_len: int) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
+def attention_linears(config: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) features of the projections of one attention layer (MHA / GQA, or MLA)."""
+    q_width = config.n_heads * config.head_dim
+    if config.attention == "mla":
+        query_width = config.n_heads * (config.head_dim + config.mla_rope_dim)
+        rank = config.mla_q_rank
+        query = [(config.dim, rank), (rank, query_width)] if rank else [(config.dim, query_width)]
+        latent = [(config.dim, config.mla_kv_rank + config.mla_rope_dim), (config.mla_kv_rank, 2 * q_width)]
+        return [*query, *latent, (q_width, config.dim)]
+    kv_width = config.n_kv_heads * config.head_dim
+    return [(config.dim, q_width + 2 * kv_width), (q_width, config.dim)]
+
+
 def layer_flops(config: ModelConfig, seq_len: int, lora: bool = False, moe: bool = False) -> float:
     """Forward FLOPs per token of one transformer layer (``moe``: the active experts and the router)."""
-    q_width = config.n_heads * config.head_dim
-    kv_width = config.n_kv_heads * config.head_dim
     hidden = (config.moe_shared + config.moe_top_k) * config.moe_hidden if moe else config.mlp_hidden
-    linears = [
-        (config.dim, q_width + 2 * kv_width),
-        (q_width, config.dim),
-        (config.dim, 2 * hidden),
-        (hidden, config.dim),
-    ]
+    attention = attention_linears(config)
+    linears = [*attention, (config.dim, 2 * hidden), (hidden, config.dim)]
     flops = sum(2 * i * o for i, o in linears) + (2 * config.dim * config.moe_routed if moe else 0)
     if lora and config.lora_rank:
-        adapted = linears[:2] if moe else linears  # experts carry no LoRA adapters
+        adapted = attention if moe else linears  # experts carry no LoRA adapters
         flops += sum(2 * config.lora_rank * (i + o) for i, o in adapted)
-    return flops + 4 * q_width * _mean_context(config, seq_len)
+    rope = config.mla_rope_dim if config.attention == "mla" else 0
+    return flops + 2 * config.n_heads * (2 * config.head_dim + rope) * _mean_context(config, seq_len)
 
 
 def core_step_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one core iteration (injection state term + core layers)."""
+    """Forward FLOPs per token of one core iteration (injection state term + core layers + ACT halting head)."""
     injection = 2 * config.dim * config.dim if config.injection == "concat" else 0
-    return injection + config.n_core * layer_flops(config, seq_len, lora=True, moe=config.moe_routed > 0)
+    halting = 2 * config.dim if config.halting == "act" else 0
+    return injection + halting + config.n_core * layer_flops(config, seq_len, lora=True, moe=config.moe_routed > 0)
 
 
 def once_flops(config: ModelConfig, seq_len: int) -> float:

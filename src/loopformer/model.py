@@ -24,6 +24,7 @@ from loopformer.config import ModelConfig
 from loopformer.errors import InputError
 from loopformer.nn.attention import AttentionContext
 from loopformer.nn.depth import LoopEmbedding, loop_slot
+from loopformer.nn.halting import ACT, HaltingHead, HaltingStats
 from loopformer.nn.injection import INJECTIONS, LTI_DT_INIT, LTIInjection
 from loopformer.nn.layer import Layer
 from loopformer.nn.linear import LoopLinear
@@ -42,7 +43,9 @@ class LoopOutput:
     """Result of :meth:`LoopLM.forward`.
 
     ``steps`` is the depth that ran (an int, or a [B] tensor for per-sequence depth); ``states`` holds
-    the latent state after every iteration when requested (``states[i]`` is s_{i+1}).
+    the latent state after every iteration when requested (``states[i]`` is s_{i+1}). With ACT halting the
+    logits decode the halting mixture (``state`` stays the last latent state) and ``halting`` holds its
+    per-position statistics, counted over the positions with a target when ``labels`` were given.
     """
 
     logits: torch.Tensor
@@ -50,6 +53,7 @@ class LoopOutput:
     state: torch.Tensor
     steps: Steps
     states: list[torch.Tensor] | None = None
+    halting: HaltingStats | None = None
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -69,6 +73,7 @@ class LoopLM(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude))
         self.memory = MemoryMixer(config) if config.memory_dim else None
+        self.halting = HaltingHead(config.dim, config.halting_bias_init) if config.halting == "act" else None
         self.injection = INJECTIONS[config.injection](config)
         self.loop_embedding = LoopEmbedding(config) if config.loop_embedding != "none" else None
         moe = config.moe_routed > 0
@@ -115,7 +120,7 @@ class LoopLM(nn.Module):
                 module.loop_bias.zero_()
                 module.balance_bias.zero_()
         for layer in self.layers():
-            if layer.attn.q_bias is not None:
+            if getattr(layer.attn, "q_bias", None) is not None:  # MLA has no query / key biases
                 layer.attn.q_bias.zero_()
                 layer.attn.k_bias.zero_()
         if self.memory is not None:
@@ -125,6 +130,8 @@ class LoopLM(nn.Module):
             self.injection.log_a.zero_()
             self.injection.dt_bias.fill_(LTI_DT_INIT)
             nn.init.eye_(self.injection.input_proj.weight)
+        if self.halting is not None:
+            self.halting.reset_parameters()
 
     def layers(self) -> list[Layer]:
         return [*self.prelude, *self.core, *self.coda]
@@ -272,7 +279,9 @@ class LoopLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         checkpoint_steps: bool = False,
         on_state: StateVisitor | None = None,
+        on_output: StateVisitor | None = None,
         initial_state: torch.Tensor | None = None,
+        halting_scale: float = 1.0,
         memory: Memory | torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
     ) -> LoopOutput:
@@ -283,6 +292,9 @@ class LoopLM(nn.Module):
         ``backprop_depth``: iterations with gradient; in training mode it defaults to the config's.
         ``generator`` / ``seed``: the random initial state's source; ``initial_state`` [B, T, D] replaces it.
         ``attention_mask``: see :meth:`context`; ``checkpoint_steps`` and ``on_state``: see :meth:`recur`.
+        ``on_output(i, output)``: after iteration i, the state the model would decode if it stopped there (the
+        latent state, or with ACT halting the halting mixture capped at i). ``halting_scale`` multiplies the ponder
+        cost and KL added to the loss (the trainer's warm-up, :func:`loopformer.nn.halting.penalty_scale`).
         ``memory`` [M, memory_dim] or [B, M, memory_dim] (+ ``memory_mask`` [B, M]): conditioning vectors for the
         memory pathway (models with ``memory_dim > 0``).
         """
@@ -303,13 +315,30 @@ class LoopLM(nn.Module):
         else:
             state = initial_state.to(self.tok_emb.weight.dtype)
         self.moe_records = [] if self.training and self.config.moe_routed else None
-        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, on_state)
-        logits = self.decode(state, ctx)
+        act = self.act(steps)
+        visit = _visitor(act, on_state, on_output)
+        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, visit)
+        logits = self.decode(state if act is None else act.latest, ctx)
         loss = lm_loss(logits, labels) if labels is not None else None
+        halting = None
+        if act is not None:
+            halting = act.stats(F.pad(labels[:, 1:] != -100, (0, 1)) if labels is not None else None)
+            if loss is not None:
+                cfg = self.config
+                loss = loss + halting_scale * halting.penalty(cfg.ponder_cost, cfg.halting_kl_weight)
         if loss is not None and self.moe_records and self.config.moe_aux_weight > 0:
             aux = torch.stack([record[3] for record in self.moe_records]).mean()
             loss = loss + self.config.moe_aux_weight * aux
-        return LoopOutput(logits=logits, loss=loss, state=state, steps=steps, states=states)
+        return LoopOutput(logits=logits, loss=loss, state=state, steps=steps, states=states, halting=halting)
+
+    def act(self, cap: Steps) -> ACT | None:
+        """A fresh ACT accumulator over the halting head, capped at ``cap`` iterations (None without a head).
+
+        Pass it to :meth:`recur` as ``on_state``; its ``latest`` is then the state to decode.
+        """
+        if self.halting is None:
+            return None
+        return ACT(self.halting, cap, prior=self.config.halting_prior)
 
     # ----- mixture of experts -------------------------------------------------------------
     def moe_loads(self) -> torch.Tensor | None:
@@ -355,6 +384,22 @@ class LoopLM(nn.Module):
         if backprop_depth is not None and backprop_depth < 1:
             raise InputError(f"backprop_depth must be >= 1, got {backprop_depth}.")
         return num_steps, backprop_depth
+
+
+def _visitor(act: ACT | None, on_state: StateVisitor | None, on_output: StateVisitor | None) -> StateVisitor | None:
+    """One state visitor for :meth:`LoopLM.recur` that feeds the ACT accumulator, then the caller's visitors."""
+    if act is None and on_output is None:
+        return on_state
+
+    def visit(step: int, state: torch.Tensor) -> None:
+        if act is not None:
+            act(step, state)
+        if on_state is not None:
+            on_state(step, state)
+        if on_output is not None:
+            on_output(step, state if act is None else act.latest)
+
+    return visit
 
 
 def build_model(

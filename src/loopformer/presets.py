@@ -54,6 +54,30 @@ def _parcae(dim: int, layers: int) -> ModelConfig:
     )
 
 
+def _mythos(dim: int, heads: int, loops: int, split: tuple[int, int, int], vocab: int) -> ModelConfig:
+    """OpenMythos-style: an MoE core (1 shared + 8 routed experts, top-2, loop-aware router), Multi-Latent Attention
+    (latent dim / 4, shared RoPE key), LTI injection, pre-norm, sinusoidal loop index, rank-4 per-loop LoRA."""
+    return ModelConfig(
+        vocab_size=vocab,
+        dim=dim,
+        n_heads=heads,
+        n_prelude=split[0],
+        n_core=split[1],
+        n_coda=split[2],
+        norm_layout="pre",
+        attention="mla",
+        injection="lti",
+        loop_embedding="sinusoidal",
+        lora_rank=4,
+        per_loop_slots=loops,
+        moe_routed=8,
+        moe_shared=1,
+        moe_top_k=2,
+        max_seq_len=1024,
+        recurrence=RecurrenceConfig(mean_steps=loops, backprop_depth=max(loops // 2, 1)),
+    )
+
+
 HUGINN_3_5B = ModelConfig(
     vocab_size=65536,
     dim=5280,
@@ -91,6 +115,7 @@ PRESETS: dict[str, ModelConfig] = {
     "anima-50m": _anima(832, 8, 16, (1, 1, 1), 1920),
     "anima-100m": _anima(1024, 12, 16, (1, 3, 1), 2752, head_dim=80),
     "anima-200m": _anima(1280, 16, 24, (2, 3, 2), 3840),
+    "mythos-tiny": _mythos(128, 4, 8, (1, 2, 1), 8192),
     "huginn-3.5b": HUGINN_3_5B,
     "parcae-140m": _parcae(768, 2),
     "parcae-370m": _parcae(1024, 4),

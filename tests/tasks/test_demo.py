@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from loopformer.cli import main
+from loopformer.presets import get_preset
+from loopformer.tasks.extrapolation import TASK_FIELDS, get_recipe, with_architecture
 
 
 def run_demo(tmp_path: Path, *args: str) -> tuple[dict, str]:
@@ -43,6 +45,26 @@ def test_reduced_demo_prints_the_table_and_the_looped_model_beats_chance(tmp_pat
     assert max(looped["accuracy"]["8"]) >= 2.3
     stability = report["stability"]
     assert stability["difficulty"] == 32 and stability["loops"] == 1024 and stability["state_rms"] > 0
+
+
+def test_demo_trains_a_preset_architecture_on_the_task(tmp_path) -> None:
+    report, _ = run_demo(
+        tmp_path, "--preset", "mythos-tiny", "--budget-minutes", "0.5", "--eval-count", "16", "--loops", "1,4"
+    )
+    looped, param, compute = report["models"]
+    assert looped["steps"] > 0 and param["parameters"] == looped["parameters"] < compute["parameters"]
+    checkpoints = tmp_path / "runs" / "looped" / "checkpoints"
+    model = json.loads((checkpoints / (checkpoints / "latest").read_text().strip() / "config.json").read_text())
+    assert model["attention"] == "mla" and model["moe_routed"] == 8 and model["injection"] == "lti"
+    assert model["sliding_window"] == 2 and model["vocab_size"] < 100  # the task keeps its window and alphabet
+
+
+def test_with_architecture_keeps_the_task_fields() -> None:
+    recipe = get_recipe("addition")
+    mythos = with_architecture(recipe, get_preset("mythos-tiny"))
+    for name in TASK_FIELDS:
+        assert getattr(mythos.model, name) == getattr(recipe.model, name)
+    assert mythos.model.dim == 128 and mythos.model.attention == "mla" and mythos.train == recipe.train
 
 
 def test_demo_refuses_a_non_empty_out_directory(tmp_path, capsys) -> None:

@@ -247,13 +247,31 @@ def test_shape_fields_are_exactly_the_ones_that_change_parameters() -> None:
         "loop_embedding": "learned",
         "lora_rank": 4,
         "per_loop_slots": 3,
+        "halting": "act",
+        "attention": "mla",
+        "moe_routed": 4,
+        "memory_dim": 8,
     }
-    assert set(changed) == set(SHAPE_FIELDS)
-    for name, value in changed.items():
+    # fields that matter only with a feature switched on: changed against a base that has it
+    mla_base, moe_base = base.replace(attention="mla"), base.replace(moe_routed=4)
+    conditional = {
+        "mla_kv_rank": (mla_base, 4),
+        "mla_q_rank": (mla_base, 8),
+        "mla_rope_dim": (mla_base, 6),
+        "moe_shared": (moe_base, 2),
+        "moe_hidden": (moe_base, 24),
+    }
+    assert set(changed) | set(conditional) == set(SHAPE_FIELDS)
+    cases = [(name, base, value) for name, value in changed.items()]
+    cases += [(name, start, value) for name, (start, value) in conditional.items()]
+    for name, start, value in cases:
         changes = value if isinstance(value, dict) else {name: value}
-        assert shapes(base) != shapes(base.replace(**changes)), name
+        assert shapes(start) != shapes(start.replace(**changes)), name
         with pytest.raises(InputError, match=name):
-            check_compatible(base, base.replace(**changes))
+            check_compatible(start, start.replace(**changes))
+    for name, (_, value) in conditional.items():  # without the feature they change nothing
+        assert shapes(base) == shapes(base.replace(**{name: value})), name
+        check_compatible(base, base.replace(**{name: value}))
     for name, value in {"rope_base": 100.0, "norm_eps": 1e-5, "sliding_window": 4, "max_seq_len": 64}.items():
         assert shapes(base) == shapes(base.replace(**{name: value})), name
         check_compatible(base, base.replace(**{name: value}))

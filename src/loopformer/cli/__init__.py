@@ -12,10 +12,26 @@ import sys
 from collections.abc import Sequence
 
 from loopformer import __version__
-from loopformer.cli import analyze, chat, demo, eval_ppl, eval_task, generate, kv_size, presets, train
+from loopformer.cli import (
+    analyze,
+    chat,
+    convert,
+    demo,
+    eval_lm,
+    eval_ppl,
+    eval_task,
+    generate,
+    kv_size,
+    presets,
+    quantize,
+    serve,
+    train,
+)
 from loopformer.errors import LoopformerError
 
-COMMANDS = (presets, demo, train, eval_ppl, eval_task, generate, chat, kv_size, analyze)
+COMMANDS = (
+    presets, demo, train, eval_ppl, eval_task, eval_lm, generate, chat, serve, kv_size, analyze, convert, quantize,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     if state.tokenizer_json is None:
         raise InputError(f"{path} has no tokenizer.json; the analysis needs the checkpoint's tokenizer.")
-    tokenizer = TextTokenizer.from_json(state.tokenizer_json)
+    tokenizer = TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)
     rules = tuple(parse_exit_rule(r).label for r in args.exit.split(",") if r.strip())
     options = AnalysisOptions(
         loops=args.loops,

@@ -16,11 +16,14 @@ from pathlib import Path
 from loopformer.cli.arguments import parse_steps
 from loopformer.config import atomic_write_text
 from loopformer.errors import InputError
-from loopformer.tasks.extrapolation import RECIPES, format_report, get_recipe, plot_report, run_demo
+from loopformer.presets import PRESETS, get_preset
+from loopformer.tasks.extrapolation import RECIPES, format_report, get_recipe, plot_report, run_demo, with_architecture
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.task)
+    if args.preset:
+        recipe = with_architecture(recipe, get_preset(args.preset))
     if args.loops:
         recipe = replace(recipe, loops=tuple(sorted(set(parse_steps(args.loops, "--loops")))))
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
@@ -59,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="DIR", help="where the three runs go (default: a new temporary directory)")
     parser.add_argument("--json", metavar="FILE", help="results JSON (default: DIR/results.json)")
     parser.add_argument("--plot", metavar="FILE", help="accuracy-vs-loops PNG (default: DIR/accuracy.png)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="train this preset's architecture (the task keeps its vocabulary, context, window and depth schedule)",
+    )
     parser.add_argument("--loops", help="comma-separated test loop counts (default: 1,2,4,...,128)")
     parser.add_argument("--eval-count", type=int, default=256, help="test examples per difficulty (default: 256)")
     parser.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict({**saved, **changes})
     if state.tokenizer_json is None:
         raise InputError(f"Checkpoint {path} has no tokenizer.json, so its data cannot be tokenised.")
-    tokenizer = TextTokenizer.from_json(state.tokenizer_json)
+    tokenizer = TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)
     data = prepare_data(config, tokenizer, log=lambda line: None)
     batches = fixed_eval_batches(data.val, args.batch_size, args.batches)
     mask = (

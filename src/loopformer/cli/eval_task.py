@@ -1,7 +1,9 @@
 """``loopformer eval-task``: exact-match accuracy of a task checkpoint per loop count.
 
 The examples come from a JSONL file (``--data``, the format ``train --task-data`` reads) or from a built-in
-generator (``--task``, default: the task the checkpoint was trained on, at ``--difficulty``).
+generator (``--task``, default: the task the checkpoint was trained on, at ``--difficulty``). With ``--exit`` each
+``--loops`` entry is a loop budget and the examples are scored token by token through the inference engine with
+that per-token exit rule (e.g. ``act`` for a model with a learned halting head), reporting the loops used.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import json
 from pathlib import Path
 
 from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_steps
+from loopformer.cli.generation_args import add_exit_arguments, exit_rule
 from loopformer.errors import InputError
 from loopformer.tasks.builtin import get_task
-from loopformer.tasks.evaluate import evaluate_task, format_accuracy_table
+from loopformer.tasks.evaluate import evaluate_task, evaluate_task_exits, format_accuracy_table, format_exit_table
 from loopformer.tasks.jsonl import read_task_file
 from loopformer.training.checkpoint import load_trained_model
 from loopformer.training.tokenizer import TextTokenizer
@@ -21,6 +24,7 @@ from loopformer.training.tokenizer import TextTokenizer
 
 def run(args: argparse.Namespace) -> int:
     loops = parse_steps(args.loops, "--loops")
+    rule = exit_rule(args)
     if args.data and (args.task is not None or args.difficulty is not None):
         raise InputError("give either --data or --task/--difficulty, not both.")
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
@@ -39,15 +43,17 @@ def run(args: argparse.Namespace) -> int:
         task.check_difficulty(args.difficulty)
         examples = task.generate(args.difficulty, args.count, seed=args.seed)
         source = f"{name} at {task.difficulty_name} {args.difficulty}"
-    results = evaluate_task(
-        model, tokenizer, examples, loops, batch_size=args.batch_size, seed=args.seed, source=source
-    )
+    options = {"batch_size": args.batch_size, "seed": args.seed, "source": source}
+    if rule is None:
+        results = evaluate_task(model, tokenizer, examples, loops, **options)
+    else:
+        results = evaluate_task_exits(model, tokenizer, examples, loops, rule, **options)
     if args.json:
         record = {"checkpoint": str(path), "step": state.step, "examples": len(examples), "source": source}
         print(json.dumps({**record, "results": [r.__dict__ for r in results]}))
     else:
         print(f"{path} (step {state.step}): {len(examples)} examples from {source}")
-        print(format_accuracy_table(results))
+        print(format_accuracy_table(results) if rule is None else format_exit_table(results))
     return 0
 
 
@@ -58,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", help="a built-in task (default: the checkpoint's)")
     parser.add_argument("--difficulty", type=int, help="difficulty of generated examples (with --task)")
     parser.add_argument("--count", type=int, default=256, help="generated examples (default: 256)")
-    parser.add_argument("--loops", default="1,2,4,8,16,32", help="comma-separated loop counts")
+    parser.add_argument("--loops", default="1,2,4,8,16,32", help="comma-separated loop counts (budgets with --exit)")
+    add_exit_arguments(parser.add_argument_group("early exit (scored token by token through the inference engine)"))
     parser.add_argument("--batch-size", type=int, default=256)
     add_report_arguments(parser, "seed of the examples and of the initial state")
     parser.set_defaults(run=run)

@@ -9,7 +9,7 @@ import torch
 
 from loopformer.errors import InputError
 from loopformer.inference.engine import Engine, GenerationConfig
-from loopformer.inference.exits import parse_exit_rule
+from loopformer.inference.exits import ExitRule, parse_exit_rule
 from loopformer.inference.memory_file import load_memory_file
 from loopformer.inference.sampling import SamplingConfig
 from loopformer.nn.memory import NO_PATHWAY
@@ -22,9 +22,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
     depth = parser.add_argument_group("depth")
     depth.add_argument("--loops", type=int, help="core iterations per token (the ceiling with --exit; default: mean)")
-    depth.add_argument("--exit", metavar="CRITERION[:THR]", help="per-token early exit, e.g. kl:5e-4, latent-diff:0.03")
-    depth.add_argument("--min-steps", type=int, default=1, help="no exit before this many iterations (default: 1)")
-    depth.add_argument("--check-every", type=int, default=1, help="test the exit rule every N iterations")
+    add_exit_arguments(depth)
     depth.add_argument("--kv", default="full", help="KV slot policy: full, last or ring:K (default: full)")
     depth.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
     depth.add_argument("--speculative", metavar="DRAFT:LOOKAHEAD", help="self-speculative decoding, e.g. 4:8")
@@ -44,6 +42,22 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--seed", type=int, default=0, help="seed of the sampler and of the initial states")
 
 
+def add_exit_arguments(group: argparse._ActionsContainer) -> None:
+    """``--exit``, ``--min-steps`` and ``--check-every``: a per-token exit rule (read by :func:`exit_rule`)."""
+    group.add_argument(
+        "--exit", metavar="CRITERION[:THR]", help="per-token early exit, e.g. kl:5e-4, latent-diff:0.03, act:0.99"
+    )
+    group.add_argument("--min-steps", type=int, default=1, help="no exit before this many iterations (default: 1)")
+    group.add_argument("--check-every", type=int, default=1, help="test the exit rule every N iterations")
+
+
+def exit_rule(args: argparse.Namespace) -> ExitRule | None:
+    """The exit rule that ``--exit`` / ``--min-steps`` / ``--check-every`` describe (None without ``--exit``)."""
+    if not args.exit:
+        return None
+    return parse_exit_rule(args.exit, min_steps=args.min_steps, check_every=args.check_every)
+
+
 def parse_speculative(text: str | None) -> tuple[int, int] | None:
     """``"4:8"`` -> (4, 8): draft with 4 iterations, 8 tokens ahead."""
     if text is None:
@@ -56,9 +70,6 @@ def parse_speculative(text: str | None) -> tuple[int, int] | None:
 
 def generation_config(args: argparse.Namespace, stop_tokens: tuple[int, ...] | None = None) -> GenerationConfig:
     """The :class:`GenerationConfig` the flags describe."""
-    rule = None
-    if args.exit:
-        rule = parse_exit_rule(args.exit, min_steps=args.min_steps, check_every=args.check_every)
     sampling = SamplingConfig(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -70,7 +81,7 @@ def generation_config(args: argparse.Namespace, stop_tokens: tuple[int, ...] | N
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         loops=args.loops,
-        exit=rule,
+        exit=exit_rule(args),
         kv=args.kv,
         warm_start=args.warm_start,
         speculative=parse_speculative(args.speculative),
@@ -99,4 +110,4 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, Path]:
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     if state.tokenizer_json is None:
         raise InputError(f"{path} has no tokenizer.json; generation needs the checkpoint's tokenizer.")
-    return Engine(model, TextTokenizer.from_json(state.tokenizer_json)), path
+    return Engine(model, TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)), path

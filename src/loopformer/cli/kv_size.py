@@ -1,4 +1,8 @@
-"""``loopformer kv-size``: bytes of KV cache per slot policy, for any model, length and depth (nothing is run)."""
+"""``loopformer kv-size``: bytes of KV cache per slot policy, for any model, length and depth (nothing is run).
+
+The attention variant decides what a layer caches per token (:func:`loopformer.inference.cache.cache_entry`):
+keys and values of every KV head, or with Multi-Latent Attention one latent and one shared RoPE key.
+"""
 
 from __future__ import annotations
 
@@ -42,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
     if args.json:
-        print(json.dumps({"batch": args.batch, "dtype": args.dtype, "rows": rows}))
+        print(json.dumps({"attention": config.attention_kind, "batch": args.batch, "dtype": args.dtype, "rows": rows}))
         return 0
     table = [
         [row["policy"], row["loops"], row["tokens"], f"{row['bytes'] / 2**20:,.2f}", f"{row['full_over_policy']:.1f}x"]
         for row in rows
     ]
+    print(f"attention: {config.attention_kind}")
     print(format_table(["policy", "loops", "tokens", "MiB", "full / policy"], table))
     return 0
 

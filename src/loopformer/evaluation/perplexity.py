@@ -4,7 +4,8 @@ Depth r's latent state is the r-th state of any deeper run from the same initial
 run once at the deepest requested depth and the shallower depths are decoded from the intermediate states
 as the loop passes them (only the current and previous state are kept). This gives exactly the result of
 separate forward calls at a fraction of the cost: evaluating r = 1..32 costs one 32-iteration pass plus 32
-decodes per batch.
+decodes per batch. With ACT halting the state decoded at depth r is the halting mixture capped at r, which is
+likewise exactly what a separate r-iteration forward decodes.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def _run_batch(
             sums[depth].add(model.decode(state, ctx), targets, state, previous)
         previous = state
 
-    model(ids, num_steps=deepest, seed=seed, on_state=visit, **kwargs)
+    model(ids, num_steps=deepest, seed=seed, on_output=visit, **kwargs)
 
 
 def _exp(x: float) -> float:

@@ -1,7 +1,11 @@
 """KV cache for incremental decoding of a looped model: preallocated tensors and slot policies.
 
-Storage is allocated once per generation, shaped ``[layers, (slots,) batch, kv_heads, capacity, head_dim]`` for
-keys and values; nothing is concatenated or re-stacked per token. Prelude and coda layers have one slot each.
+Storage is allocated once per generation, shaped ``[layers, (slots,) batch, heads, capacity, width]`` for
+keys and values; nothing is concatenated or re-stacked per token. With multi-head attention both tensors are
+``kv_heads x head_dim``; with Multi-Latent Attention (``attention="mla"``) the "keys" tensor holds the latent
+(``1 x mla_kv_rank``) and the "values" tensor the RoPE key shared by all heads (``1 x mla_rope_dim``), so every
+slot policy, the fallback, rollback and row selection below work unchanged. Prelude and coda layers have one slot
+each.
 A core layer runs once per iteration, and the *slot policy* maps iteration ``i`` to a physical slot:
 
 * ``full``: slot ``i`` (every iteration keeps its own entries; needs one slot per iteration that can run);
@@ -82,6 +86,13 @@ def parse_slot_policy(text: str | SlotPolicy) -> SlotPolicy:
     raise InputError(f"unknown KV slot policy {text!r}; use {POLICY_FORMS}.")
 
 
+def cache_entry(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(heads, width)`` of the "keys" and the "values" tensor a layer caches per token (see the module docstring)."""
+    if config.attention == "mla":
+        return (1, config.mla_kv_rank), (1, config.mla_rope_dim)
+    return (config.n_kv_heads, config.head_dim), (config.n_kv_heads, config.head_dim)
+
+
 def cache_bytes(
     config: ModelConfig,
     policy: SlotPolicy | str,
@@ -93,7 +104,17 @@ def cache_bytes(
     """Bytes of keys and values a cache holds for ``tokens`` tokens per row at up to ``max_steps`` iterations."""
     policy = parse_slot_policy(policy)
     layers_written = config.n_prelude + config.n_coda + config.n_core * policy.slots(max_steps)
-    return layers_written * 2 * config.n_kv_heads * config.head_dim * element_bytes * tokens * batch_size
+    per_layer = sum(heads * width for heads, width in cache_entry(config))
+    return layers_written * per_layer * element_bytes * tokens * batch_size
+
+
+def _widen(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``tensor`` zero-padded along ``dim`` to ``size``."""
+    shape = list(tensor.shape)
+    old, shape[dim] = shape[dim], size
+    out = tensor.new_zeros(shape)
+    out.narrow(dim, 0, old).copy_(tensor)
+    return out
 
 
 class KVCache:
@@ -117,11 +138,13 @@ class KVCache:
             raise InputError(f"a KV cache needs batch_size >= 1 and capacity >= 1, got {batch_size} and {capacity}.")
         self.config, self.batch_size, self.capacity, self.max_steps = config, batch_size, capacity, steps
         self.n_slots = self.policy.slots(steps)
-        entry = (batch_size, config.n_kv_heads, capacity, config.head_dim)
         device = torch.device(device or "cpu")
 
         def alloc(*lead: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return tuple(torch.zeros(*lead, *entry, device=device, dtype=dtype) for _ in range(2))
+            return tuple(
+                torch.zeros(*lead, batch_size, heads, capacity, width, device=device, dtype=dtype)
+                for heads, width in cache_entry(config)
+            )
 
         self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
             "prelude": alloc(config.n_prelude),
@@ -140,6 +163,30 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the key and value tensors."""
         return sum(t.numel() * t.element_size() for pair in self.store.values() for t in pair)
+
+    def reserve(self, capacity: int) -> None:
+        """Grow every row's room to ``capacity`` columns, keeping what is stored (nothing happens if it is there).
+
+        For callers that cannot know the final length up front (the transformers adapter); one copy per growth.
+        """
+        if capacity <= self.capacity:
+            return
+        self.store = {role: (_widen(k, -2, capacity), _widen(v, -2, capacity)) for role, (k, v) in self.store.items()}
+        columns = (self.valid, self.positions, self.depth)
+        self.valid, self.positions, self.depth = (_widen(t, 1, capacity) for t in columns)
+        self.capacity = capacity
+
+    def reserve_rows(self, batch_size: int) -> None:
+        """Grow to ``batch_size`` rows, keeping the existing ones (the new rows are empty); for a batch that rows
+        join while it runs (the server's continuous batching). One copy per growth."""
+        if batch_size <= self.batch_size:
+            return
+        self.store = {
+            role: (_widen(k, -4, batch_size), _widen(v, -4, batch_size)) for role, (k, v) in self.store.items()
+        }
+        bookkeeping = (self.lengths, self.valid, self.positions, self.depth)
+        self.lengths, self.valid, self.positions, self.depth = (_widen(t, 0, batch_size) for t in bookkeeping)
+        self.batch_size = batch_size
 
     def next_positions(self, rows: torch.Tensor) -> torch.Tensor:
         """The RoPE position the next token of each row gets: one past its last real token."""

@@ -1,9 +1,12 @@
-"""The chat format of loopformer checkpoints, built from the tokenizer's reserved special tokens.
+"""The chat format, built from the tokenizer's :class:`~loopformer.training.tokenizer.TokenRoles`.
+
+With our roles:
 
     <|bos|><|system|>{system}<|end|><|user|>{text}<|end|><|assistant|>{reply}<|end|>...<|assistant|>
 
-A message is its role token, its text and ``<|end|>``; the prompt for a reply ends with ``<|assistant|>``, and the
-reply ends at ``<|end|>`` (or ``<|eos|>``). Roles: system, user, assistant.
+A message is its role's opening, its text and the end-of-turn token; the prompt for a reply ends with the assistant's
+opening, and the reply ends at the end-of-turn (or end-of-sequence) token. Roles: system, user, assistant. An imported
+tokenizer brings its own openings (Huginn: ``<|begin_header|>user<|end_header|>\n\n``, end of turn ``<|end_turn|>``).
 """
 
 from __future__ import annotations
@@ -12,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loopformer.errors import InputError
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.training.tokenizer import CHAT_ROLES, TextTokenizer
 
-ROLES = ("system", "user", "assistant")
-END_OF_TURN = "<|end|>"
+ROLES = CHAT_ROLES
 
 
 @dataclass(frozen=True)
@@ -41,14 +43,15 @@ def encode_chat(tokenizer: TextTokenizer, messages: Sequence[Message]) -> list[i
     """Ids of a conversation followed by the opening of the assistant's reply."""
     if not messages:
         raise InputError("a chat prompt needs at least one message.")
+    openings = tokenizer.roles.openings
     ids = [tokenizer.bos_id]
     for message in messages:
-        ids += [tokenizer.token_id(f"<|{message.role}|>"), *tokenizer.encode(message.content)]
-        ids.append(tokenizer.token_id(END_OF_TURN))
-    ids.append(tokenizer.token_id("<|assistant|>"))
+        ids += [*tokenizer.encode(openings[message.role]), *tokenizer.encode(message.content)]
+        ids.append(tokenizer.end_of_turn_id)
+    ids += tokenizer.encode(openings["assistant"])
     return ids
 
 
 def reply_stop_tokens(tokenizer: TextTokenizer) -> tuple[int, ...]:
     """The tokens that end an assistant reply."""
-    return (tokenizer.token_id(END_OF_TURN), tokenizer.eos_id)
+    return (tokenizer.end_of_turn_id, tokenizer.eos_id)

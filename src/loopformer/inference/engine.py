@@ -26,7 +26,7 @@ from torch import nn
 
 from loopformer.errors import InputError
 from loopformer.inference.cache import KVCache, SlotPolicy, parse_slot_policy
-from loopformer.inference.exits import ExitRule, ExitTracker, parse_exit_rule
+from loopformer.inference.exits import ExitRule, ExitTracker, check_halting, parse_exit_rule
 from loopformer.inference.sampling import SamplingConfig, choose_tokens
 from loopformer.inference.text import TextStream
 from loopformer.model import LoopLM
@@ -148,7 +148,12 @@ class PassResult:
 
 
 class Session:
-    """The state of one batched generation: cache, histories, each row's next-token logits and final state."""
+    """The state of one batched generation: cache, histories, each row's next-token logits and final state.
+
+    By default the session allocates its own cache. ``cache`` and ``slots`` instead place its rows in rows
+    ``slots`` of a cache shared with other sessions (continuous batching: rows join and leave a running batch,
+    and the caller runs the decoding passes of all of them together, see :meth:`store`).
+    """
 
     def __init__(
         self,
@@ -157,20 +162,27 @@ class Session:
         real: torch.Tensor,
         config: GenerationConfig,
         memory: Memory | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
     ) -> None:
         self.engine, self.config, self.memory = engine, config, memory
         self.loops = engine.resolve_loops(config)
         batch, width = ids.shape
-        extra = config.speculative[1] + 1 if config.speculative else 0
-        self.cache = KVCache(
-            engine.model.config,
-            batch,
-            width + config.max_new_tokens + extra,
-            config.kv,
-            max_steps=self.loops,
-            device=ids.device,
-            dtype=engine.state_dtype,
-        )
+        if cache is None:
+            extra = config.speculative[1] + 1 if config.speculative else 0
+            cache = KVCache(
+                engine.model.config,
+                batch,
+                width + config.max_new_tokens + extra,
+                config.kv,
+                max_steps=self.loops,
+                device=ids.device,
+                dtype=engine.state_dtype,
+            )
+            slots = torch.arange(batch, device=ids.device)
+        elif slots is None or slots.shape != (batch,) or config.speculative is not None:
+            raise InputError("a session in a shared cache needs one slot per row and no speculative decoding.")
+        self.cache, self.slots = cache, slots
         # prompt (padding = -1) followed by room for every generated token: what the repetition penalty sees
         self.history = torch.cat((torch.where(real, ids, -1), ids.new_full((batch, config.max_new_tokens), -1)), 1)
         self.width = width
@@ -195,9 +207,9 @@ class Session:
         rows = torch.arange(batch, device=ids.device)
         positions = (real.long().cumsum(dim=1) - 1).clamp_min(0)
         result = engine.run_pass(
-            self.cache, rows, ids, positions, real, self.loops, None, None, config, self.memory_of(rows)
+            self.cache, self.slots, ids, positions, real, self.loops, None, None, config, self.memory_of(rows)
         )
-        self.cache.commit(rows, torch.full_like(rows, width), result.steps)
+        self.cache.commit(self.slots, torch.full_like(rows, width), result.steps)
         self.logits = result.logits[:, -1].float()
         self.last_state = result.state[:, -1]
         self.pending_steps = result.steps[:, -1].clone()  # iterations behind each row's pending logits
@@ -245,11 +257,12 @@ class Session:
 
     def feed(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Run one single-token pass for ``rows`` and store their next-token logits and final states."""
-        positions = self.cache.next_positions(rows)[:, None]
+        slots = self.slots[rows]
+        positions = self.cache.next_positions(slots)[:, None]
         start = self.last_state[rows][:, None] if self.config.warm_start else None
         result = self.engine.run_pass(
             self.cache,
-            rows,
+            slots,
             tokens[:, None],
             positions,
             None,
@@ -259,7 +272,11 @@ class Session:
             self.config,
             self.memory_of(rows),
         )
-        self.cache.commit(rows, torch.ones_like(rows), result.steps)
+        self.cache.commit(slots, torch.ones_like(rows), result.steps)
+        self.store(rows, result)
+
+    def store(self, rows: torch.Tensor, result: PassResult) -> None:
+        """Keep what a single-token pass computed for ``rows``: next-token logits, final states, iterations."""
         self.logits[rows] = result.logits[:, 0].float()
         self.last_state[rows] = result.state[:, 0]
         self.pending_steps[rows] = result.steps[:, 0]
@@ -360,22 +377,30 @@ class Engine:
         start: torch.Tensor | None,
         config: GenerationConfig,
         memory: Memory | None = None,
+        budget: torch.Tensor | None = None,
     ) -> PassResult:
         """Feed ``ids`` [b, T] for cache rows ``rows``; exits (T = 1 only) and compaction as in the module docstring.
 
-        ``memory``: the memory vectors of these rows (memory-pathway models)."""
+        ``memory``: the memory vectors of these rows (memory-pathway models). ``budget``: per-row loop counts [b]
+        (each <= ``loops``; T = 1 only): a row leaves the pass after its own count, the way an exit leaves it, so
+        rows at different depths share one pass (continuous batching)."""
         model = self.model
         kv = cache.begin(rows, positions, real)
         ctx = AttentionContext.for_positions(model.config, positions, kv.mask, kv)
         e = model.embed(ids, ctx, memory)
         state = self.initial_state(positions, config.state_seed) if start is None else start
-        if rule is None:
-            state, _ = model.recur(state, e, ctx, loops)
+        if rule is None and budget is None:
+            act = model.act(loops)
+            state, _ = model.recur(state, e, ctx, loops, on_state=act)
+            if act is not None:  # an ACT model decodes its halting mixture, capped at the loop budget
+                state = act.latest
             steps = torch.full(ids.shape, loops, dtype=torch.long, device=ids.device)
         else:
             if ids.shape[1] != 1:
                 raise InputError("early exit runs on single-token passes (decoding); prefill uses a fixed depth.")
-            state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction)
+            if rule is None and model.halting is not None:
+                raise InputError("per-row loop counts on an ACT model need an exit rule (fixed depths mix halting).")
+            state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction, budget)
             kv.freeze(None)  # the final decode writes the coda entries of every row
         logits = model.decode(state, ctx)
         if self.tokenizer is not None and self.tokenizer.vocab_size < logits.shape[-1]:
@@ -383,28 +408,42 @@ class Engine:
         return PassResult(logits, state, steps)
 
     def _recur_with_exit(
-        self, state: torch.Tensor, e: torch.Tensor, ctx: AttentionContext, loops: int, rule: ExitRule, compact: bool
+        self,
+        state: torch.Tensor,
+        e: torch.Tensor,
+        ctx: AttentionContext,
+        loops: int,
+        rule: ExitRule | None,
+        compact: bool,
+        budget: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Iterate until each row's rule fires (or ``loops``); exited rows leave the batch when ``compact``."""
+        """Iterate until each row's rule fires or it reaches its ``budget`` (or ``loops``); exited rows leave the
+        batch when ``compact``."""
         model = self.model
         rows = state.shape[0]
         final = state.clone()
         steps = torch.full((rows, 1), loops, dtype=torch.long, device=state.device)
         active = torch.arange(rows, device=state.device)
         done = torch.zeros(rows, dtype=torch.bool, device=state.device)
-        tracker = ExitTracker(rule)
+        tracker = None if rule is None else ExitTracker(rule, halting=model.halting)
+
+        def exit_state(step: int, state: torch.Tensor) -> torch.Tensor:
+            return state if tracker is None else tracker.exit_state(step, state)
+
         for index in range(loops):
             state = model.step(state, e, index, ctx)
             step = index + 1
             if step == loops:
                 break
-            if step + 1 < rule.min_steps:
+            fired = torch.zeros(len(state), dtype=torch.bool, device=state.device) if budget is None else budget == step
+            if tracker is not None and (step + 1 >= rule.min_steps or model.halting is not None):
+                logits = model.decode(state, ctx) if tracker.needs_logits else None  # (ACT mixes every iteration)
+                fired = fired | tracker.update(step, state, logits)[:, 0]
+            elif budget is None:
                 continue
-            logits = model.decode(state, ctx) if tracker.needs_logits else None
-            fired = tracker.update(step, state, logits)[:, 0]
             if not compact:
                 newly = fired & ~done
-                final[newly], steps[newly] = state[newly], step
+                final[newly], steps[newly] = exit_state(step, state)[newly], step
                 done |= fired
                 ctx.cache.freeze(done)  # exited rows keep computing but no longer write the cache
                 if bool(done.all()):
@@ -413,17 +452,19 @@ class Engine:
             if not bool(fired.any()):
                 continue
             exited = active[fired]
-            final[exited], steps[exited] = state[fired], step
+            final[exited], steps[exited] = exit_state(step, state)[fired], step
             keep = (~fired).nonzero().squeeze(1)
             if keep.numel() == 0:
                 return final, steps
             active, state, e = active[keep], state[keep], e[keep]
+            budget = None if budget is None else budget[keep]
             ctx = ctx.select(keep)
-            tracker.select(keep)
+            if tracker is not None:
+                tracker.select(keep)
         if compact:
-            final[active] = state
+            final[active] = exit_state(loops, state)
         else:
-            final[~done] = state[~done]
+            final[~done] = exit_state(loops, state)[~done]
         return final, steps
 
     # ----- public API ---------------------------------------------------------------------
@@ -501,6 +542,7 @@ class Engine:
         config = config or GenerationConfig()
         if config.speculative is not None:
             _check_speculative(config, self.resolve_loops(config))  # refused before the caller prints anything
+        check_halting(config.exit, self.model.halting)
         ids, real = self.prepare(prompts, attention_mask)
         return GenerationStream(self, (ids, real), config, self._memory(memory, memory_mask, ids.shape[0]))
 

@@ -13,7 +13,14 @@ minp-kl           KL(p'_{t-1} || p'_t), p' = p with probs below 0.1 * max set  <
                   to 1/V, renormalised
 argmax-stability  consecutive iterations whose argmax equals the previous one  >= thr     5
 cosine            1 - cos(s_t, s_{t-1})  (no decoding needed)                  < thr      1e-3
+act               p_1 + ... + p_t, the learned halting head's cumulative       >= thr     0.99
+                  halting probability (models trained with ``halting="act"``)
 ================  ===========================================================  =========  =======
+
+The ``act`` criterion is not zero-shot: it follows the halting head of :mod:`loopformer.nn.halting` and takes
+its halting distribution as it is (``min_steps`` and ``check_every`` must stay 1). Given a model's halting head,
+a tracker of any criterion accumulates the ACT mixture, so a position that exits at iteration t is decoded from
+the mixture capped at t (the halting iteration or t takes the remainder), as the model was trained.
 
 :class:`ExitTracker` applies one :class:`ExitRule` to any number of positions at once (a leading shape such
 as [B] or [B, T]); feed it every iteration's state (and logits, for the distribution criteria) in order.
@@ -28,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from loopformer.errors import InputError
+from loopformer.nn.halting import ACT, ACT_THRESHOLD, HaltingHead
 
 EXIT_CRITERIA: dict[str, float] = {
     "kl": 5e-4,
@@ -37,13 +45,16 @@ EXIT_CRITERIA: dict[str, float] = {
     "argmax-stability": 5,
     "cosine": 1e-3,
 }
-LATENT_CRITERIA = frozenset({"latent-diff", "cosine"})  # computed from the state alone
+LEARNED_CRITERIA: dict[str, float] = {"act": ACT_THRESHOLD}
+CRITERIA = {**EXIT_CRITERIA, **LEARNED_CRITERIA}
+LATENT_CRITERIA = frozenset({"latent-diff", "cosine", "act"})  # computed from the state alone
+RISING_CRITERIA = frozenset({"argmax-stability", "act"})  # exit when the quantity reaches the threshold
 MINP_FRACTION = 0.1  # minp-kl: probabilities below this fraction of the maximum are flattened to 1/V
 _EPS = 1e-12
 
 
 def _known() -> str:
-    return ", ".join(EXIT_CRITERIA)
+    return ", ".join(CRITERIA)
 
 
 def _is_int(value: object) -> bool:
@@ -65,7 +76,7 @@ class ExitRule:
     check_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.criterion not in EXIT_CRITERIA:
+        if self.criterion not in CRITERIA:
             raise InputError(f"unknown exit criterion {self.criterion!r}; known criteria: {_known()}.")
         value = self.threshold
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -80,6 +91,13 @@ class ExitRule:
             )
         if not _is_int(self.check_every) or self.check_every < 1:
             raise InputError(f"exit check_every must be an integer >= 1, got {self.check_every!r}.")
+        if self.criterion == "act":
+            if not 0 < value <= 1:
+                raise InputError(f"the act threshold is a cumulative probability in (0, 1], got {value!r}.")
+            if self.min_steps != 1 or self.check_every != 1:
+                raise InputError(
+                    "the act exit follows the learned halting distribution; min_steps and check_every must be 1."
+                )
 
     @property
     def needs_logits(self) -> bool:
@@ -95,13 +113,13 @@ class ExitRule:
 def parse_exit_rule(text: str, *, min_steps: int = 1, max_steps: int | None = None, check_every: int = 1) -> ExitRule:
     """An :class:`ExitRule` from ``CRITERION`` or ``CRITERION:THRESHOLD`` (e.g. ``kl:5e-4``, ``argmax-stability:5``).
 
-    Without a threshold the criterion's default from :data:`EXIT_CRITERIA` applies.
+    Without a threshold the criterion's default from :data:`EXIT_CRITERIA` (or :data:`LEARNED_CRITERIA`) applies.
     """
     name, _, number = str(text).strip().partition(":")
     name = name.strip().lower()
-    if name not in EXIT_CRITERIA:
+    if name not in CRITERIA:
         raise InputError(f"unknown exit criterion {name!r} in {text!r}; known criteria: {_known()}.")
-    threshold: float = EXIT_CRITERIA[name]
+    threshold: float = CRITERIA[name]
     if number.strip():
         try:
             threshold = float(number)
@@ -113,6 +131,12 @@ def parse_exit_rule(text: str, *, min_steps: int = 1, max_steps: int | None = No
         if name == "argmax-stability" and threshold.is_integer():
             threshold = int(threshold)
     return ExitRule(name, threshold, min_steps=min_steps, max_steps=max_steps, check_every=check_every)
+
+
+def check_halting(rule: ExitRule | None, halting: HaltingHead | None) -> None:
+    """Refuse the ``act`` rule for a model without a halting head."""
+    if rule is not None and rule.criterion == "act" and halting is None:
+        raise InputError("the act exit needs a model trained with a halting head (halting='act').")
 
 
 def _minp_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
@@ -138,14 +162,20 @@ class ExitTracker:
     shape: the positions that satisfy the rule at this iteration. The tracker only remembers the previous
     iteration, so the quantities are always between successive calls. ``first_exit`` holds, per position, the
     first iteration at which the rule fired (0 while it has not). Computation runs in ``dtype`` (float32 by
-    default; float64 for exact comparisons), with ``log_softmax`` for the distributions.
+    default; float64 for exact comparisons), with ``log_softmax`` for the distributions. With the model's
+    ``halting`` head (required by ``act``) every update also needs the state, and :meth:`exit_state` gives the ACT
+    mixture to decode for an exiting position.
     """
 
-    def __init__(self, rule: ExitRule | str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, rule: ExitRule | str, dtype: torch.dtype = torch.float32, halting: HaltingHead | None = None
+    ) -> None:
         self.rule = parse_exit_rule(rule) if isinstance(rule, str) else rule
         if not dtype.is_floating_point:
             raise InputError(f"ExitTracker needs a floating-point dtype, got {dtype}.")
+        check_halting(self.rule, halting)
         self.dtype = dtype
+        self.halting = halting
         self.reset()
 
     @property
@@ -160,6 +190,10 @@ class ExitTracker:
         self.last_step = 0
         self.last_value: torch.Tensor | None = None  # the latest quantity (NaN without a previous)
         self.first_exit: torch.Tensor | None = None
+        self._act: ACT | None = None
+        if self.halting is not None:
+            threshold = self.rule.threshold if self.rule.criterion == "act" else ACT_THRESHOLD
+            self._act = ACT(self.halting, self.rule.max_steps, threshold)
 
     def select(self, keep: torch.Tensor) -> None:
         """Track only the positions ``keep`` (indices along the first leading dimension) from now on.
@@ -172,6 +206,20 @@ class ExitTracker:
                 setattr(self, name, value[keep])
         if self._shape is not None:
             self._shape = torch.Size((keep.numel(), *self._shape[1:]))
+        if self._act is not None:
+            self._act.select(keep)
+
+    def exit_state(self, step: int, state: torch.Tensor) -> torch.Tensor:
+        """The states to decode for positions that stop after iteration ``step`` with ``state``: ``state`` itself,
+        or with a halting head the ACT mixture capped there. ``step`` is the latest update's (the positions it
+        fired for) or the next one, not passed to :meth:`update` (positions cut off by the loop budget)."""
+        if self._act is None:
+            return state
+        if step == self.last_step:
+            return self._act.latest
+        if step == self.last_step + 1:
+            return self._act.output(state)
+        raise InputError(f"exit_state needs iteration {self.last_step} or {self.last_step + 1}, got {step}.")
 
     def _input(self, state: torch.Tensor | None, logits: torch.Tensor | None) -> torch.Tensor:
         source = logits if self.needs_logits else state
@@ -195,20 +243,30 @@ class ExitTracker:
             raise InputError(f"exit tracker steps must increase; got {step} after {self.last_step}.")
         source = self._input(state, logits)
         self._shape = source.shape
+        if self._act is not None:
+            if state is None:
+                raise InputError("an exit tracker with a halting head needs the state at every iteration.")
+            self._act(step, state.detach())
+            if self.rule.criterion == "act":  # exited once the cumulative halting probability reached the threshold
+                self._record(step, self._act.total.to(self.dtype), ~self._act.running)
+                return ~self._act.running
         value = self._measure(source)
         rule = self.rule
         # a count reaches its threshold; a difference falls below it (NaN: no previous iteration, never fires)
-        fired = value >= rule.threshold if rule.criterion == "argmax-stability" else value < rule.threshold
+        fired = value >= rule.threshold if rule.criterion in RISING_CRITERIA else value < rule.threshold
         if step < rule.min_steps or step % rule.check_every != 0:
             fired = torch.zeros_like(fired)
         if rule.max_steps is not None and step >= rule.max_steps:
             fired = torch.ones_like(fired)
+        self._record(step, value, fired)
+        return fired
+
+    def _record(self, step: int, value: torch.Tensor, fired: torch.Tensor) -> None:
         if self.first_exit is None:
             self.first_exit = torch.zeros(fired.shape, dtype=torch.long, device=fired.device)
         self.first_exit = torch.where((self.first_exit == 0) & fired, step, self.first_exit)
         self.last_step = step
         self.last_value = value
-        return fired
 
     def _measure(self, source: torch.Tensor) -> torch.Tensor:
         """The criterion's quantity between the remembered iteration and ``source``; updates the memory."""

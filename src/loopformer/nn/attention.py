@@ -79,7 +79,7 @@ class AttentionContext:
         cache: KVExchange | None = None,
     ) -> AttentionContext:
         """Context for tokens at ``positions`` ([T] or [B, T]) with an explicit ``mask`` and optional KV cache."""
-        cos, sin = rope_angles(positions, config.head_dim, config.rope_base)
+        cos, sin = rope_angles(positions, config.rope_dim, config.rope_base)
         return cls(cos, sin, mask, cache, tables=rope_tables(cos, sin, config.rope_style))
 
     @classmethod

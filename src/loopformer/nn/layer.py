@@ -7,6 +7,7 @@ from torch import nn
 
 from loopformer.config import ModelConfig
 from loopformer.nn.attention import Attention, AttentionContext
+from loopformer.nn.mla import MLA
 from loopformer.nn.mlp import SwiGLU
 from loopformer.nn.moe import MoE
 from loopformer.nn.norm import RMSNorm
@@ -21,7 +22,8 @@ class Layer(nn.Module):
         self.sandwich = config.norm_layout == "sandwich"
         eps = config.norm_eps
         self.norm_1 = RMSNorm(config.dim, eps)
-        self.attn = Attention(config, lora_rank, lora_slots)
+        attention = MLA if config.attention == "mla" else Attention
+        self.attn = attention(config, lora_rank, lora_slots)
         self.norm_3 = RMSNorm(config.dim, eps)
         if moe:
             self.mlp = MoE(

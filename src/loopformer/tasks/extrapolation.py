@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -133,6 +133,15 @@ RECIPES: dict[str, Recipe] = {
         multiples=(1, 2, 4),
     ),
 }
+
+
+TASK_FIELDS = ("vocab_size", "max_seq_len", "sliding_window", "recurrence")  # what a task fixes in a preset
+
+
+def with_architecture(recipe: Recipe, architecture: ModelConfig) -> Recipe:
+    """``recipe`` with the model shape and features of ``architecture`` (e.g. a preset); the task keeps its
+    vocabulary, context, attention window and depth schedule (the fields in :data:`TASK_FIELDS`)."""
+    return replace(recipe, model=architecture.replace(**{name: getattr(recipe.model, name) for name in TASK_FIELDS}))
 
 
 def get_recipe(task: str) -> Recipe:

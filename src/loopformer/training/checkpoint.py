@@ -7,6 +7,7 @@
         rng.safetensors         named generator states (uint8)
         config.json             the ModelConfig
         tokenizer.json          optional tokenizer text
+        token_roles.json        optional TokenRoles of an imported tokenizer (absent: our special tokens)
         trainer.json            step and the caller's JSON metadata
     <run>/checkpoints/latest    the name of the newest complete checkpoint directory
 
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,8 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 SHAPE_FIELDS = (
     "vocab_size", "dim", "n_heads", "n_kv_heads", "head_dim", "n_prelude", "n_core", "n_coda", "mlp_hidden",
     "norm_layout", "qk_bias", "qk_norm", "tie_embeddings", "injection", "loop_embedding", "lora_rank",
-    "per_loop_slots",
+    "per_loop_slots", "halting", "attention", "mla_kv_rank", "mla_q_rank", "mla_rope_dim", "moe_routed", "moe_shared",
+    "moe_hidden", "memory_dim",
 )  # fmt: skip
 
 
@@ -57,6 +60,7 @@ class TrainingState:
     ema: dict[str, torch.Tensor] | None = None
     rng: dict[str, torch.Tensor] | None = None
     tokenizer_json: str | None = None
+    token_roles: dict | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -260,6 +264,8 @@ def _write_files(tmp: Path, state: TrainingState) -> None:
     _write_json(tmp / "config.json", state.config.to_dict())
     if state.tokenizer_json is not None:
         _write_text(tmp / "tokenizer.json", state.tokenizer_json)
+    if state.token_roles is not None:
+        _write_json(tmp / "token_roles.json", state.token_roles)
     _write_json(tmp / "trainer.json", {"format_version": FORMAT_VERSION, "step": state.step, "meta": state.meta})
     _fsync(tmp)
 
@@ -295,6 +301,36 @@ def save_checkpoint(run_dir: Path, state: TrainingState, keep_last: int = 3) -> 
     atomic_write_text(root / LATEST, name + "\n")
     _prune(root, final, keep_last)
     return final
+
+
+@contextlib.contextmanager
+def staged_directory(directory: Path) -> Iterator[Path]:
+    """A temp directory beside ``directory`` to fill; renamed to ``directory`` when the block ends without error.
+
+    An existing non-empty ``directory`` is refused; on error the temp directory is deleted.
+    """
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise InputError(f"{str(directory)!r} already exists and is not an empty directory; choose a new one.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        _fsync(tmp)
+        if directory.exists():
+            directory.rmdir()
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(directory.parent)
+
+
+def write_checkpoint_dir(directory: Path, state: TrainingState) -> Path:
+    """Write ``state`` as the checkpoint directory ``directory`` itself (e.g. a converted model), atomically."""
+    with staged_directory(directory) as tmp:
+        _write_files(tmp, state)
+    return Path(directory)
 
 
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
@@ -371,15 +407,21 @@ def load_checkpoint(
         state.optimizer = optimizer_from_flat(tensors, _read_json(ckpt / "optimizer.json"))
     if (ckpt / "tokenizer.json").exists():
         state.tokenizer_json = _read_text(ckpt / "tokenizer.json")
+    if (ckpt / "token_roles.json").exists():
+        state.token_roles = _read_json(ckpt / "token_roles.json")
     return state
 
 
 def _shape_view(config: ModelConfig, name: str) -> Any:
     """The part of field ``name`` that affects parameter shapes."""
-    uses_slots = config.lora_rank > 0 or config.loop_embedding == "learned"
+    uses_slots = config.lora_rank > 0 or config.loop_embedding == "learned" or config.moe_routed > 0
     if name == "loop_embedding":
         return config.loop_embedding == "learned"  # "none" and "sinusoidal" have no parameters
     if name == "per_loop_slots" and not uses_slots:
+        return None
+    if name.startswith("mla_") and config.attention != "mla":
+        return None
+    if name in ("moe_shared", "moe_hidden") and not config.moe_routed:
         return None
     return getattr(config, name)
 
@@ -393,6 +435,36 @@ def check_compatible(saved: ModelConfig, requested: ModelConfig) -> None:
         raise InputError(f"The checkpoint has {have}, the requested config has {want}.")
 
 
+def check_state_dict(
+    expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], source: str, listed: int = 8
+) -> None:
+    """Raise one :class:`InputError` naming the missing and unexpected tensors and the wrong shapes in ``found``.
+
+    Both map tensor names to shapes; at most ``listed`` names of each kind are spelled out.
+    """
+
+    def some(names: list[str]) -> str:
+        more = f" and {len(names) - listed} more" if len(names) > listed else ""
+        return ", ".join(names[:listed]) + more
+
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [
+        f"{name} {list(found[name])} (expected {list(expected[name])})"
+        for name in sorted(set(expected) & set(found))
+        if tuple(found[name]) != tuple(expected[name])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {some(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors {some(extra)}")
+    if shapes:
+        problems.append(f"wrong shapes {some(shapes)}")
+    if problems:
+        raise InputError(f"{source} does not fit the model: {'; '.join(problems)}.")
+
+
 def load_trained_model(path: Path, use_ema: bool = False) -> tuple[LoopLM, TrainingState, Path]:
     """The model of a checkpoint (or of a run directory's latest) in eval mode, its state and its directory.
 
@@ -400,6 +472,13 @@ def load_trained_model(path: Path, use_ema: bool = False) -> tuple[LoopLM, Train
     """
     directory = resolve_checkpoint(path)
     state = load_checkpoint(directory, load_optimizer=False)
+    if "quantization" in state.meta:  # written by `loopformer quantize`: integer weights, no EMA
+        from loopformer.quant.checkpoint import build_quantized_model
+
+        return build_quantized_model(state, str(directory)).eval(), state, directory
     model = build_model(state.config)
-    model.load_state_dict(state.ema if use_ema and state.ema is not None else state.model)
+    weights = state.ema if use_ema and state.ema is not None else state.model
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    check_state_dict(expected, {name: tensor.shape for name, tensor in weights.items()}, str(directory))
+    model.load_state_dict(weights)
     return model.eval(), state, directory

@@ -10,13 +10,20 @@ Special token strings that occur inside the text passed to :meth:`TextTokenizer.
 encoded as the single special id (the ``tokenizers`` default for added special tokens); a corpus that must keep
 such strings literal has to escape them before tokenisation. Nothing is added automatically (no BOS / EOS):
 the data pipeline places BOS itself.
+
+An imported tokenizer (e.g. Huginn's) has other special tokens. :class:`TokenRoles` says which of its entries
+play our roles (bos, eos, pad, end of turn) and how a chat message of each role opens; such a tokenizer need not
+hold :data:`SPECIAL_TOKENS`, only the tokens its roles name. A checkpoint keeps the roles in ``token_roles.json``
+beside ``tokenizer.json``; without that file the roles are ours.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -42,6 +49,64 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class TokenRoles:
+    """Which vocabulary entries play the roles the library relies on, and how a chat message opens.
+
+    ``bos``, ``eos``, ``pad`` and ``end_of_turn`` name single tokens. ``openings[role]`` is the text that opens a chat
+    message of each of :data:`CHAT_ROLES`; it is tokenized, so it may mix special tokens and plain text (Huginn:
+    ``<|begin_header|>user<|end_header|>\\n\\n``). ``chat_template`` is an imported Hugging Face (Jinja) chat
+    template, carried along unchanged so that an export can write it back; nothing here renders it.
+    """
+
+    bos: str = "<|bos|>"
+    eos: str = "<|eos|>"
+    pad: str = "<|pad|>"
+    end_of_turn: str = "<|end|>"
+    openings: Mapping[str, str] = field(
+        default_factory=lambda: {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+    )
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in self.single_tokens().items():
+            if not isinstance(value, str) or not value:
+                raise InputError(f"token role {name!r} must name a token (a non-empty string), got {value!r}.")
+        if not isinstance(self.openings, Mapping) or sorted(self.openings) != sorted(CHAT_ROLES):
+            raise InputError(f"token role 'openings' must map exactly the chat roles {', '.join(CHAT_ROLES)}.")
+        bad = [role for role, text in self.openings.items() if not isinstance(text, str) or not text]
+        if bad:
+            raise InputError(f"the chat opening of role {bad[0]!r} must be a non-empty string.")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise InputError("token role 'chat_template' must be a string or null.")
+        object.__setattr__(self, "openings", dict(self.openings))
+
+    def single_tokens(self) -> dict[str, str]:
+        """The roles that name one token each: bos, eos, pad, end_of_turn."""
+        return {"bos": self.bos, "eos": self.eos, "pad": self.pad, "end_of_turn": self.end_of_turn}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.single_tokens(), "openings": dict(self.openings), "chat_template": self.chat_template}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TokenRoles:
+        """Roles from :meth:`to_dict`'s JSON form; unknown or missing keys are an :class:`InputError`."""
+        if not isinstance(data, Mapping):
+            raise InputError(f"token roles must be a JSON object, got {type(data).__name__}.")
+        names = {"bos", "eos", "pad", "end_of_turn", "openings", "chat_template"}
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - {"chat_template"} - set(data))
+        problems = []
+        if unknown:
+            problems.append(f"unknown key(s) {', '.join(unknown)}")
+        if missing:
+            problems.append(f"no {', '.join(missing)}")
+        if problems:
+            raise InputError(f"the token roles have {' and '.join(problems)}.")
+        return cls(**data)
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -60,13 +125,22 @@ def _byte_to_unicode() -> dict[int, str]:
 
 
 class TextTokenizer:
-    """A validated ``tokenizers.Tokenizer`` that holds every entry of :data:`SPECIAL_TOKENS`."""
+    """A validated ``tokenizers.Tokenizer``: with our roles (``roles=None``) it holds every entry of
+    :data:`SPECIAL_TOKENS`; with imported :class:`TokenRoles` it holds every token those roles name."""
 
-    def __init__(self, inner: tokenizers.Tokenizer) -> None:
-        missing = [token for token in SPECIAL_TOKENS if inner.token_to_id(token) is None]
-        if missing:
-            raise InputError(f"the tokenizer lacks the special tokens {', '.join(missing)}.")
+    def __init__(self, inner: tokenizers.Tokenizer, roles: TokenRoles | None = None) -> None:
+        if roles is None:
+            missing = [token for token in SPECIAL_TOKENS if inner.token_to_id(token) is None]
+            if missing:
+                raise InputError(f"the tokenizer lacks the special tokens {', '.join(missing)}.")
+        else:
+            missing = [
+                f"{role} ({token})" for role, token in roles.single_tokens().items() if inner.token_to_id(token) is None
+            ]
+            if missing:
+                raise InputError(f"the tokenizer has no token for the role(s) {', '.join(missing)}.")
         self.inner = inner
+        self.roles = roles or TokenRoles()
 
     # -- construction ---------------------------------------------------------------------------------------
 
@@ -156,14 +230,25 @@ class TextTokenizer:
         return cls.from_json(read_text_file(path, "Tokenizer file", InputError), source=str(path))
 
     @classmethod
-    def from_json(cls, text: str, source: str = "the text") -> TextTokenizer:
-        """A tokenizer from the JSON of :meth:`to_json` (e.g. stored inside a checkpoint)."""
+    def from_json(
+        cls, text: str, source: str = "the text", *, roles: TokenRoles | Mapping[str, Any] | None = None
+    ) -> TextTokenizer:
+        """A tokenizer from the JSON of :meth:`to_json` (e.g. stored inside a checkpoint).
+
+        ``roles``: the tokenizer's :class:`TokenRoles` (or their :meth:`TokenRoles.to_dict` form); None means ours.
+        """
         try:
             inner = tokenizers.Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"{source} is not a tokenizer file ({reason}).") from exc
-        return cls(inner)
+        if roles is not None and not isinstance(roles, TokenRoles):
+            roles = TokenRoles.from_dict(roles)
+        return cls(inner, roles)
+
+    def roles_dict(self) -> dict[str, Any] | None:
+        """The roles to store beside the tokenizer (``token_roles.json``); None when they are ours."""
+        return None if self.roles == TokenRoles() else self.roles.to_dict()
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` atomically (temp file + rename)."""
@@ -185,15 +270,19 @@ class TextTokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.token_id("<|bos|>")
+        return self.token_id(self.roles.bos)
 
     @property
     def eos_id(self) -> int:
-        return self.token_id("<|eos|>")
+        return self.token_id(self.roles.eos)
 
     @property
     def pad_id(self) -> int:
-        return self.token_id("<|pad|>")
+        return self.token_id(self.roles.pad)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.token_id(self.roles.end_of_turn)
 
     def token_id(self, token: str) -> int:
         """The id of one vocabulary entry (``InputError`` if unknown)."""

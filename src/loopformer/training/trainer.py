@@ -34,6 +34,7 @@ from loopformer.errors import InputError, TrainingError
 from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
 from loopformer.flops import training_flops_per_token
 from loopformer.model import LoopLM, build_model
+from loopformer.nn.halting import penalty_scale
 from loopformer.recurrence import sample_depth, sample_depths
 from loopformer.tasks.data import TaskData, prepare_task_data
 from loopformer.training.checkpoint import (
@@ -123,6 +124,7 @@ class Trainer:
         self.progress: ProgressBar | None = None  # exists while the loop runs
         self.step_shape = (0, 0)  # (tokens in the global batch, row width) of the latest step
         self.moe_metrics: dict[str, Any] = {}  # expert-load statistics of the latest step (MoE models)
+        self.halting_metrics: dict[str, float] = {}  # mean ponder cost and loops of the latest step (ACT models)
 
     # ----- setup --------------------------------------------------------------------------
     def _restore_source(self) -> TrainingState | None:
@@ -162,7 +164,9 @@ class Trainer:
             limit = self.model_config.max_seq_len
             raise InputError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len ({limit}); raise --max-seq-len.")
         source = self._restore_source()
-        tokenizer = TextTokenizer.from_json(source.tokenizer_json) if source and source.tokenizer_json else None
+        tokenizer = None
+        if source and source.tokenizer_json:
+            tokenizer = TextTokenizer.from_json(source.tokenizer_json, roles=source.token_roles)
         self.data: PreparedData | TaskData
         if cfg.is_task:
             self.data = prepare_task_data(cfg, tokenizer)
@@ -238,6 +242,7 @@ class Trainer:
                 ema=self.ema.state_dict() if self.ema is not None else None,
                 rng=capture_rng({"depth": self.depth_generator}),
                 tokenizer_json=self.data.tokenizer.to_json(),
+                token_roles=self.data.tokenizer.roles_dict(),
                 meta=meta,
             )
             path = save_checkpoint(self.out_dir, state, keep_last=self.config.keep_last)
@@ -293,6 +298,7 @@ class Trainer:
         depth = self._depth()
         loss_sum = torch.zeros((), dtype=torch.float64)
         moe_loads: list[torch.Tensor] = []
+        halting: list[dict[str, float]] = []
         for micro, batch in self._micro_batches():
             steps = depth
             if isinstance(depth, torch.Tensor):
@@ -309,13 +315,18 @@ class Trainer:
                         backprop_depth=self.model_config.recurrence.backprop_depth,
                         generator=generator,
                         checkpoint_steps=cfg.activation_checkpointing,
+                        halting_scale=penalty_scale(self.step, self.model_config.halting_warmup_steps),
                         **self.forward_kwargs(batch),
                     )
                 loads = self.model.moe_loads()  # before backward, which may re-run checkpointed iterations
                 if loads is not None:
                     moe_loads.append(loads)
+                if out.halting is not None:
+                    halting.append(out.halting.summary())
                 (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().double().cpu()
+        if halting:
+            self.halting_metrics = {key: sum(h[key] for h in halting) / len(halting) for key in halting[0]}
         flags = torch.tensor([float(loss_sum), float(stop.requested)], dtype=torch.float64, device=device)
         flags = self.dist.all_reduce_sum(flags).cpu()
         loss = float(flags[0]) / (cfg.grad_accum * self.dist.world_size)
@@ -491,5 +502,6 @@ class Trainer:
             flops_per_s=achieved,
             mfu=achieved / peak if peak > 0 else math.nan,
             **self.moe_metrics,
+            **self.halting_metrics,
         )
         window.update(start=time.perf_counter(), loss=0.0, count=0, flops=0.0, tokens=0)

@@ -1,0 +1,1 @@
+"""Interoperability: Huginn-0125 checkpoints, Hugging Face transformers (optional extra ``[hf]``)."""
