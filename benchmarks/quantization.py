@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ from typing import Any, NoReturn
 import torch
 
 import loopformer
-from inference import held_out_stream, take
+from inference import held_out_stream, progress, rounded, take
 from loopformer.errors import LoopformerError
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.inference.engine import Engine, GenerationConfig
@@ -90,14 +89,6 @@ QUICK = Sizes((1, 2), 2, 16, 2, (2,), 8, 4, 1, 4, "tiny")
 def fail(message: str) -> NoReturn:
     print(f"quantization.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def progress(section: str, message: str) -> None:
-    print(f"[{section}] {message}", file=sys.stderr, flush=True)
-
-
-def rounded(value: float, digits: int = 4) -> float | None:
-    return round(value, digits) if math.isfinite(value) else None
 
 
 def write_variants(path: Path, workdir: Path, schemes: dict[str, QuantScheme | None]) -> dict[str, Path]:
