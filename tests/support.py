@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from loopformer.config import ModelConfig, RecurrenceConfig
+from loopformer.inference.engine import Engine, GenerationConfig, GenerationResult
 
 
 def small_config(**changes: object) -> ModelConfig:
@@ -37,3 +39,26 @@ def write_corpus(folder: Path, documents: int = 24, words: int = 120) -> Path:
         picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
         (folder / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in picks) + "\n")
     return folder
+
+
+def generate_with_and_without_compaction(
+    engine: Engine, prompts: list[list[int]], config: GenerationConfig
+) -> tuple[dict[bool, GenerationResult], dict[bool, int]]:
+    """``config`` run with compaction on (True) and off (False): the results, and the rows every core layer call
+    processed in each run (the sum of the batch sizes)."""
+    results, rows = {}, {}
+    total = [0]
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        total[0] += args[0].shape[0]
+
+    hooks = [layer.register_forward_pre_hook(count) for layer in engine.model.core]
+    try:
+        for compaction in (True, False):
+            total[0] = 0
+            results[compaction] = engine.generate(prompts, replace(config, compaction=compaction))
+            rows[compaction] = total[0]
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return results, rows

@@ -11,7 +11,7 @@ from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.exits import ExitRule, ExitTracker, parse_exit_rule
 from loopformer.model import LoopLM, build_model
 from loopformer.nn.halting import ACT_THRESHOLD
-from support import small_config
+from support import generate_with_and_without_compaction, small_config
 
 PROMPTS = [[5, 17, 3, 42, 8, 11], [9, 2], [33, 7, 21, 60], [14]]
 
@@ -87,26 +87,12 @@ def test_threshold_one_runs_the_budget_and_equals_the_fixed_depth_pass() -> None
     torch.testing.assert_close(exits.log_probs, fixed.log_probs, atol=1e-5, rtol=0)
 
 
-def count_core_rows(model: LoopLM) -> tuple[list[int], list[torch.utils.hooks.RemovableHandle]]:
-    total = [0]
-
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        total[0] += args[0].shape[0]
-
-    return total, [layer.register_forward_pre_hook(hook) for layer in model.core]
-
-
 def test_halted_rows_leave_the_batch_and_nothing_else_changes() -> None:
     model = act_model()
     engine = Engine(model)
-    results, rows = {}, {}
-    for compaction in (True, False):
-        total, hooks = count_core_rows(model)
-        config = GenerationConfig(max_new_tokens=10, loops=8, exit="act", compaction=compaction)
-        results[compaction] = engine.generate(PROMPTS, config)
-        rows[compaction] = total[0]
-        for handle in hooks:
-            handle.remove()
+    results, rows = generate_with_and_without_compaction(
+        engine, PROMPTS, GenerationConfig(max_new_tokens=10, loops=8, exit="act")
+    )
     compact, masked = results[True].outputs, results[False].outputs
     assert [o.tokens for o in compact] == [o.tokens for o in masked]
     assert [o.steps for o in compact] == [o.steps for o in masked]

@@ -13,7 +13,7 @@ from loopformer.inference.exits import ExitRule
 from loopformer.inference.sampling import SamplingConfig
 from loopformer.model import LoopLM, build_model
 from loopformer.training.tokenizer import TextTokenizer
-from support import small_config
+from support import generate_with_and_without_compaction, small_config
 
 # prompts of different lengths (a batch of them is left-padded)
 PROMPTS = [[5, 17, 3, 42, 8, 11], [9, 2], [33, 7, 21, 60], [14]]
@@ -241,28 +241,13 @@ def test_exit_max_steps_sets_the_default_depth() -> None:
     assert engine.resolve_loops(GenerationConfig()) == 3  # the model's mean_steps
 
 
-def count_core_rows(model: LoopLM) -> tuple[list[int], list[torch.utils.hooks.RemovableHandle]]:
-    """A counter of the rows every core layer call processes (sum of the batch sizes), and its hooks."""
-    total = [0]
-
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        total[0] += args[0].shape[0]
-
-    return total, [layer.register_forward_pre_hook(hook) for layer in model.core]
-
-
 @pytest.mark.parametrize("rule", [LATENT, ExitRule("kl", 0.01, min_steps=2), ExitRule("argmax-stability", 1)])
 def test_compaction_changes_nothing_but_the_work(rule: ExitRule) -> None:
     model = make_model()
     engine = Engine(model)
-    results, rows = {}, {}
-    for compaction in (True, False):
-        total, hooks = count_core_rows(model)
-        config = GenerationConfig(max_new_tokens=10, loops=8, exit=rule, compaction=compaction)
-        results[compaction] = engine.generate(PROMPTS, config)
-        rows[compaction] = total[0]
-        for handle in hooks:
-            handle.remove()
+    results, rows = generate_with_and_without_compaction(
+        engine, PROMPTS, GenerationConfig(max_new_tokens=10, loops=8, exit=rule)
+    )
     compact, masked = results[True].outputs, results[False].outputs
     assert [o.tokens for o in compact] == [o.tokens for o in masked]
     assert [o.steps for o in compact] == [o.steps for o in masked]
