@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from loopformer.config import ModelConfig, RecurrenceConfig
+from loopformer.inference.compiled import has_cxx_compiler
 from loopformer.inference.engine import Engine, GenerationConfig, GenerationResult
+
+needs_compiler = pytest.mark.skipif(not has_cxx_compiler(), reason="compiled decoding needs a C++ compiler")
 
 
 def small_config(**changes: object) -> ModelConfig:

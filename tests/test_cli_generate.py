@@ -16,7 +16,7 @@ from loopformer.inference.chat import Message, encode_chat, encode_prompt, reply
 from loopformer.model import build_model
 from loopformer.training.checkpoint import TrainingState, save_checkpoint
 from loopformer.training.tokenizer import TextTokenizer
-from support import small_config
+from support import needs_compiler, small_config
 
 PROMPT = "loop state"
 MAX_NEW = 6
@@ -173,6 +173,13 @@ def test_generate_batch_equals_each_prompt_alone(capsys, ckpt: str) -> None:
         assert output["tokens"] == alone["tokens"]
 
 
+@needs_compiler
+def test_generate_compile_matches_plain_greedy(capsys, ckpt: str) -> None:
+    plain = generate_json(capsys, ckpt, "--loops", "3")["outputs"][0]
+    compiled = generate_json(capsys, ckpt, "--loops", "3", "--compile")["outputs"][0]
+    assert compiled["tokens"] == plain["tokens"] and compiled["steps"] == plain["steps"]
+
+
 # ----- generate: user errors -----------------------------------------------------------------------
 
 
@@ -193,6 +200,7 @@ def test_generate_batch_equals_each_prompt_alone(capsys, ckpt: str) -> None:
         (["--prompt", PROMPT, "--max-new-tokens", "0"], "max_new_tokens"),
         (["--prompt", PROMPT, "--temperature", "-1"], "temperature"),
         (["--prompt", PROMPT, "--top-p", "2"], "top_p"),
+        (["--prompt", PROMPT, "--compile", "--exit", "kl"], "compiled decoding"),
     ],
     ids=[
         "empty-prompt",
@@ -209,6 +217,7 @@ def test_generate_batch_equals_each_prompt_alone(capsys, ckpt: str) -> None:
         "max-new-tokens-0",
         "temperature-negative",
         "top-p-2",
+        "compile-with-exit",
     ],
 )
 @pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["stream", "json"])

@@ -26,6 +26,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     depth.add_argument("--kv", default="full", help="KV slot policy: full, last or ring:K (default: full)")
     depth.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
     depth.add_argument("--speculative", metavar="DRAFT:LOOKAHEAD", help="self-speculative decoding, e.g. 4:8")
+    depth.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode each token as one compiled graph (fixed depth; the first token at each length compiles)",
+    )
     parser.add_argument(
         "--memory",
         metavar="FILE",
@@ -89,6 +94,7 @@ def generation_config(args: argparse.Namespace, stop_tokens: tuple[int, ...] | N
         stop_tokens=stop_tokens,
         stop_strings=tuple(args.stop),
         state_seed=args.seed,
+        compile=args.compile,
     )
 
 

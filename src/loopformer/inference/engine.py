@@ -26,6 +26,7 @@ from torch import nn
 
 from loopformer.errors import InputError
 from loopformer.inference.cache import KVCache, SlotPolicy, parse_slot_policy
+from loopformer.inference.compiled import CompiledDecoder, compile_blocker, reads_full_depth
 from loopformer.inference.exits import ExitRule, ExitTracker, check_halting, parse_exit_rule
 from loopformer.inference.sampling import SamplingConfig, choose_tokens
 from loopformer.inference.text import TextStream
@@ -49,7 +50,8 @@ class GenerationConfig:
     ``exit``: a rule or ``"criterion[:threshold]"`` (see :mod:`loopformer.inference.exits`); ``kv``: ``full``,
     ``last`` or ``ring:K``; ``warm_start``: continuous compute; ``speculative``: ``(draft_loops, lookahead)``;
     ``stop_tokens``: None means the tokenizer's end-of-sequence token; ``compaction=False`` keeps exited rows in
-    the batch (masked) and exists to measure what compaction saves.
+    the batch (masked) and exists to measure what compaction saves. ``compile``: run single-token passes at a fixed
+    depth as one compiled graph (:mod:`loopformer.inference.compiled`; the first pass at each loop count compiles).
     """
 
     max_new_tokens: int = 64
@@ -63,6 +65,7 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
     state_seed: int = 0
     compaction: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(self.max_new_tokens, "max_new_tokens")
@@ -82,6 +85,8 @@ class GenerationConfig:
                 )
             if self.warm_start:
                 raise InputError("speculative decoding verifies several tokens in one pass and cannot use warm start.")
+        if self.compile and self.exit is not None:
+            raise InputError("compiled decoding runs a fixed depth and cannot be combined with an exit rule.")
         if not isinstance(self.sampling, SamplingConfig):
             raise InputError("sampling must be a SamplingConfig.")
 
@@ -332,6 +337,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._noise: dict[int, torch.Tensor] = {}
+        self._compiled: CompiledDecoder | None = None
 
     @property
     def device(self) -> torch.device:
@@ -386,9 +392,13 @@ class Engine:
         rows at different depths share one pass (continuous batching)."""
         model = self.model
         kv = cache.begin(rows, positions, real)
+        state = self.initial_state(positions, config.state_seed) if start is None else start
+        fixed_depth = rule is None and budget is None and memory is None
+        if config.compile and fixed_depth and ids.shape[1] == 1 and reads_full_depth(kv, loops):
+            logits, state = self.compiled().run(kv, ids, state, loops)
+            return self._result(logits, state, torch.full(ids.shape, loops, dtype=torch.long, device=ids.device))
         ctx = AttentionContext.for_positions(model.config, positions, kv.mask, kv)
         e = model.embed(ids, ctx, memory)
-        state = self.initial_state(positions, config.state_seed) if start is None else start
         if rule is None and budget is None:
             act = model.act(loops)
             state, _ = model.recur(state, e, ctx, loops, on_state=act)
@@ -402,10 +412,18 @@ class Engine:
                 raise InputError("per-row loop counts on an ACT model need an exit rule (fixed depths mix halting).")
             state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction, budget)
             kv.freeze(None)  # the final decode writes the coda entries of every row
-        logits = model.decode(state, ctx)
+        return self._result(model.decode(state, ctx), state, steps)
+
+    def _result(self, logits: torch.Tensor, state: torch.Tensor, steps: torch.Tensor) -> PassResult:
         if self.tokenizer is not None and self.tokenizer.vocab_size < logits.shape[-1]:
             logits[..., self.tokenizer.vocab_size :] = float("-inf")  # ids the tokenizer cannot decode
         return PassResult(logits, state, steps)
+
+    def compiled(self) -> CompiledDecoder:
+        """The engine's compiled decoder (built on first use; it compiles once per loop count)."""
+        if self._compiled is None:
+            self._compiled = CompiledDecoder(self.model)
+        return self._compiled
 
     def _recur_with_exit(
         self,
@@ -543,6 +561,7 @@ class Engine:
         if config.speculative is not None:
             _check_speculative(config, self.resolve_loops(config))  # refused before the caller prints anything
         check_halting(config.exit, self.model.halting)
+        self._check_compile(config, memory)
         ids, real = self.prepare(prompts, attention_mask)
         return GenerationStream(self, (ids, real), config, self._memory(memory, memory_mask, ids.shape[0]))
 
@@ -578,6 +597,16 @@ class Engine:
             if bool(keep.any()):
                 session.feed(rows[keep], tokens[keep])
 
+    def _check_compile(self, config: GenerationConfig, memory: object) -> None:
+        """Refuse ``compile=True`` where compiled decoding cannot run (before anything is generated)."""
+        if not config.compile:
+            return
+        blocker = compile_blocker(self.model)
+        if blocker is not None:
+            raise InputError(blocker)
+        if memory is not None:
+            raise InputError("compiled decoding does not read memory vectors; generate without compile.")
+
     def _memory(self, memory: Memory | torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> Memory | None:
         checked = as_memory(memory, batch, self.model.config.memory_dim, mask)
         return None if checked is None else checked.to(self.device)
@@ -597,6 +626,7 @@ class Engine:
         token is prefilled at the full depth, the last one is not fed).
         """
         config = config or GenerationConfig()
+        self._check_compile(config, memory)
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise InputError("score needs ids of shape [batch, seq] with seq >= 2.")
         prefix = ids[:, :1]

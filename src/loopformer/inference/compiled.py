@@ -1,0 +1,217 @@
+"""Compiled decoding: one single-token pass (prelude, every core iteration, coda, head) as one compiled graph.
+
+Eager PyTorch spends most of a batch-1 decoding step on dispatching ~50 small operations per layer; at r = 32 that
+is several thousand per token. :class:`CompiledDecoder` instead compiles the model's own ``embed`` / ``step`` /
+``decode`` with ``torch.compile`` (Inductor, C++ wrapper), the core loop expressed as a ``scan`` over the
+iterations, so the whole token is one call whose elementwise work is fused into a few kernels per layer:
+
+* the compiled function only *reads* the cache: attention layers see a :class:`TracedExchange` that returns the
+  cached keys / values followed by the new token's own, and records the new ones;
+* the new entries come back as outputs and are written into the :class:`~loopformer.inference.cache.KVCache`
+  afterwards with one indexed write per role (for core layers: every slot at once, the last iteration that maps
+  to each slot under the policy winning, as in eager decoding);
+* the history is read padded to a power-of-two length (masked) and the batch size is a dynamic dimension, so a
+  graph is compiled once per loop count, history length bucket, slot count and batch of one or more. Static shapes
+  matter: with a dynamic sequence length the compiled kernels ran slower in an (unrecorded) exploratory check.
+
+It applies to passes the eager engine would run at a fixed depth over one new token per row, for models whose core
+iteration does not depend on its index (no per-loop LoRA, learned or sinusoidal loop embedding, MoE router slots,
+or ACT halting head) and that read no memory vectors. :func:`compile_blocker` names what rules a model out.
+"""
+
+from __future__ import annotations
+
+import shutil
+import types
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from loopformer.errors import InputError
+from loopformer.inference.cache import KVCache, KVPass
+from loopformer.model import LoopLM
+from loopformer.nn.attention import AttentionContext
+
+# graphs one decoder may hold: loop counts x history widths (powers of two) x batch of 1 or more x slot policies
+RECOMPILE_LIMIT = 64
+Entries = tuple[torch.Tensor, torch.Tensor]  # (keys, values) of every layer of a role, stacked
+
+
+def compile_blocker(model: LoopLM) -> str | None:
+    """Why ``model`` cannot use compiled decoding (None when it can)."""
+    cfg = model.config
+    reasons = {
+        "per-loop LoRA adapters": cfg.lora_rank > 0,
+        "a loop-index embedding": cfg.loop_embedding != "none",
+        "mixture-of-experts layers": cfg.moe_routed > 0,
+        "an ACT halting head": model.halting is not None,
+    }
+    found = [name for name, present in reasons.items() if present]
+    if found:
+        return f"compiled decoding needs a core iteration that does not depend on its index; this model has {found[0]}."
+    if not has_cxx_compiler():
+        return "compiled decoding needs a C++ compiler (g++ or clang++) on the PATH; none was found."
+    return None
+
+
+def has_cxx_compiler() -> bool:
+    """Whether a C++ compiler is on the PATH (Inductor builds its CPU kernels with one)."""
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+class TracedExchange:
+    """The KV exchange attention sees inside the compiled pass: read-only history plus the new token.
+
+    ``history[role]`` holds the role's cached (keys, values), [layers, b, H, S, D] ([layers, slots, b, H, S, D] for
+    the core, where :attr:`slot`, a [1] tensor, picks the iteration's slot; whole tensors rather than per-layer
+    views, because the inputs of a compiled ``scan`` may not alias each other). Every exchanged key / value is
+    recorded in :attr:`written` under (role, layer).
+    """
+
+    def __init__(self, history: dict[str, Entries], slot: torch.Tensor | None = None) -> None:
+        self.history, self.slot = history, slot
+        self.written: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def exchange(
+        self, role: str, layer: int, iteration: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        old_k, old_v = (t[layer] for t in self.history[role])
+        if role == "core":
+            old_k, old_v = old_k.index_select(0, self.slot)[0], old_v.index_select(0, self.slot)[0]
+        self.written[(role, layer)] = (keys, values)
+        return (
+            torch.cat((old_k, keys.transpose(1, 2).to(old_k.dtype)), dim=2),
+            torch.cat((old_v, values.transpose(1, 2).to(old_v.dtype)), dim=2),
+        )
+
+
+def _written(exchange: TracedExchange, role: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new (keys, values) of the role's ``count`` layers, stacked: [layers, b, H, D] each."""
+    pairs = [exchange.written[(role, layer)] for layer in range(count)]
+    return torch.stack([k[:, 0] for k, _ in pairs]), torch.stack([v[:, 0] for _, v in pairs])
+
+
+class CompiledDecoder:
+    """Compiled single-token passes for one model (see the module docstring); build once, reuse for every token."""
+
+    def __init__(self, model: LoopLM) -> None:
+        blocker = compile_blocker(model)
+        if blocker is not None:
+            raise InputError(blocker)
+        self.model = model
+        self._fn = torch.compile(_own_code(self._token), dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+
+    def _token(
+        self,
+        ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        state: torch.Tensor,
+        mask: torch.Tensor,
+        history: dict[str, Entries],
+        slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Entries]]:
+        """logits, final state and the new entries of every role ([layers, b, H, D]; core: [loops, layers, ...])."""
+        from torch._higher_order_ops.scan import scan
+
+        model, cfg = self.model, self.model.config
+        exchange = TracedExchange(history)
+        ctx = AttentionContext(*rope, mask, exchange, tables=rope)  # only the tables are read
+        e = model.embed(ids, ctx)
+
+        def iteration(state: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, Entries]:
+            own = TracedExchange(history, slot.view(1))  # a scan body may not mutate objects from outside it
+            state = model.step(state, e, 0, replace(ctx, cache=own))  # the index only picks per-loop parameters
+            return state, _written(own, "core", cfg.n_core)
+
+        state, core = scan(iteration, state, slots)
+        logits = model.decode(state, ctx)
+        written = {"prelude": _written(exchange, "prelude", cfg.n_prelude), "core": core}
+        written["coda"] = _written(exchange, "coda", cfg.n_coda)
+        return logits, state, written
+
+    def run(self, kv: KVPass, ids: torch.Tensor, state: torch.Tensor, loops: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of ``ids`` [b, 1] at ``loops`` iterations through an open cache pass; returns (logits, state).
+
+        The pass's rows must not read entries of tokens that ran fewer than ``loops`` iterations (no early-exit
+        fallback is compiled); the caller checks :func:`reads_full_depth`. The history is read padded to a
+        power-of-two length (masked), so the compiled shapes stay static while the cache grows.
+        """
+        cache, rows, column = kv.cache, kv.rows, kv.columns[:, 0]
+        width = history_width(kv.end - 1)
+        cache.reserve(width)
+        history = {role: _history(cache, role, rows, width) for role in cache.store}
+        mask = _history_mask(kv, column, width)
+        positions = cache.positions[rows[:, None], kv.columns]
+        rope = AttentionContext.for_positions(self.model.config, positions).tables  # outside: no inlined cos / sin
+        slots = cache.policy.slot_of(torch.arange(loops, device=ids.device))
+        for tensor in (ids, *rope, state, mask):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        for keys, values in history.values():
+            torch._dynamo.maybe_mark_dynamic(keys, keys.dim() - 4)
+            torch._dynamo.maybe_mark_dynamic(values, values.dim() - 4)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=RECOMPILE_LIMIT):
+            logits, state, written = self._fn(ids, rope, state, mask, history, slots)
+        _store(cache, rows, column, written, slots)
+        return logits, state
+
+
+def history_width(length: int, smallest: int = 64) -> int:
+    """The padded history length compiled passes read: the next power of two >= ``length`` (at least ``smallest``)."""
+    return max(smallest, 1 << max(length - 1, 0).bit_length())
+
+
+def _history_mask(kv: KVPass, column: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, 1, 1, width + 1]: which history columns each row's new token sees, then True for the token itself."""
+    end = kv.end
+    rows = len(column)
+    seen = torch.zeros(rows, width + 1, dtype=torch.bool, device=column.device)
+    if kv.mask is None:
+        seen[:, : end - 1] = True
+    else:
+        seen[:, :end] = kv.mask[:, 0, 0]
+        seen[torch.arange(rows, device=column.device), column] = False  # its own column: appended at the end
+    seen[:, width] = True
+    return seen[:, None, None]
+
+
+def _own_code(method: Callable) -> Callable:
+    """``method`` rebound to a private copy of its code: compiled graphs are cached per code object, so each decoder
+    (one model) gets its own cache and its own recompile limit instead of sharing them with every other decoder."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
+def reads_full_depth(kv: KVPass, loops: int) -> bool:
+    """Whether every token the pass can see completed at least ``loops`` iterations (no fallback reads)."""
+    return kv.shallowest >= loops
+
+
+def _history(cache: KVCache, role: str, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached (keys, values) of ``role`` for ``rows``, first ``length`` columns: [layers, (slots,) b, H, S, D]."""
+    keys, values = cache.store[role]
+    if rows.numel() != cache.batch_size:
+        batch_dim = keys.dim() - 4
+        keys, values = keys.index_select(batch_dim, rows), values.index_select(batch_dim, rows)
+    return keys[..., :length, :], values[..., :length, :]
+
+
+def _store(
+    cache: KVCache,
+    rows: torch.Tensor,
+    column: torch.Tensor,
+    written: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    slots: torch.Tensor,
+) -> None:
+    """Write the pass's new entries at ``column`` [b] of ``rows``; per core slot, its last iteration's entry."""
+    last = {int(slot): i for i, slot in enumerate(slots.tolist())}
+    slot_ids = torch.tensor(list(last), device=rows.device)
+    iterations = torch.tensor(list(last.values()), device=rows.device)
+    for role, new in written.items():
+        for store, entries in zip(cache.store[role], new, strict=True):
+            if role == "core":  # store [L, slots, B, H, C, D]; entries [loops, L, b, H, D]
+                index = (slice(None), slot_ids[:, None], rows[None, :], slice(None), column[None, :])
+                store[index] = entries[iterations].permute(0, 2, 1, 3, 4).to(store.dtype)
+            else:  # store [L, B, H, C, D]; entries [L, b, H, D]
+                store[:, rows, :, column] = entries.transpose(0, 1).to(store.dtype)

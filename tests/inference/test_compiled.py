@@ -1,0 +1,97 @@
+"""Compiled decoding (``GenerationConfig(compile=True)``) against the eager engine, and what it refuses."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from loopformer.errors import InputError
+from loopformer.inference.compiled import CompiledDecoder, history_width
+from loopformer.inference.engine import Engine, GenerationConfig
+from loopformer.model import build_model
+from support import needs_compiler, small_config
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 8, 7]]  # left-padded to a common width
+
+
+def _compare(engine: Engine, config: GenerationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring and padded batched generation give the eager results with compile=True (and really ran compiled)."""
+    counts = {"single-token passes": 0, "compiled passes": 0}
+    run_pass, run_compiled = Engine.run_pass, CompiledDecoder.run
+
+    def counted_pass(self: Engine, cache, rows, ids: torch.Tensor, *args: object, **kwargs: object):
+        counts["single-token passes"] += ids.shape[1] == 1 and self is engine
+        return run_pass(self, cache, rows, ids, *args, **kwargs)
+
+    def counted_compiled(self: CompiledDecoder, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        counts["compiled passes"] += 1
+        return run_compiled(self, *args)
+
+    monkeypatch.setattr(Engine, "run_pass", counted_pass)
+    monkeypatch.setattr(CompiledDecoder, "run", counted_compiled)
+    ids = torch.randint(0, engine.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    eager_scores = engine.score(ids, config)
+    eager = engine.generate(PROMPTS, config)
+    counts["single-token passes"] = 0
+    compiled_scores = engine.score(ids, replace(config, compile=True))
+    torch.testing.assert_close(compiled_scores.log_probs, eager_scores.log_probs, atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled_scores.predictions, eager_scores.predictions)
+    compiled = engine.generate(PROMPTS, replace(config, compile=True))
+    assert [o.tokens for o in compiled.outputs] == [o.tokens for o in eager.outputs]
+    assert [o.steps for o in compiled.outputs] == [o.steps for o in eager.outputs]
+    assert counts["compiled passes"] == counts["single-token passes"] > 0  # every decoding pass ran compiled
+
+
+@needs_compiler
+def test_compiled_decoding_equals_eager_on_padded_windowed_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GQA with a sliding window shorter than the sequences (the mask matters), a ring policy, two rows of different
+    lengths: logits match to 1e-4 and greedy tokens are identical."""
+    model = build_model(small_config(n_kv_heads=2, sliding_window=8), seed=0)
+    config = GenerationConfig(max_new_tokens=24, loops=3, kv="ring:2", stop_tokens=())
+    _compare(Engine(model), config, monkeypatch)
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("kv", ["full", "ring:2", "last"])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"attention": "mla", "mla_kv_rank": 16, "mla_q_rank": 16, "mla_rope_dim": 8}, {"injection": "lti"}],
+    ids=["mha", "mla", "lti"],
+)
+def test_compiled_decoding_equals_eager_across_variants(
+    kv: str, changes: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(build_model(small_config(**changes), seed=0))
+    for warm_start in (False, True):
+        config = GenerationConfig(max_new_tokens=12, loops=4, kv=kv, warm_start=warm_start, stop_tokens=())
+        _compare(engine, config, monkeypatch)
+
+
+def test_history_width_is_a_power_of_two_of_at_least_64() -> None:
+    assert [history_width(n) for n in (1, 63, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"lora_rank": 2, "per_loop_slots": 4}, "LoRA"),
+        ({"loop_embedding": "sinusoidal"}, "loop-index embedding"),
+        ({"moe_routed": 4, "moe_top_k": 2, "moe_hidden": 32, "per_loop_slots": 2}, "mixture-of-experts"),
+        ({"halting": "act"}, "ACT"),
+    ],
+)
+def test_models_whose_iteration_depends_on_its_index_are_refused(changes: dict, named: str) -> None:
+    engine = Engine(build_model(small_config(**changes), seed=0))
+    with pytest.raises(InputError, match=named):
+        engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=2, loops=2, compile=True))
+
+
+def test_compile_refuses_exits_and_memory() -> None:
+    with pytest.raises(InputError, match="exit rule"):
+        GenerationConfig(exit="kl:1e-3", compile=True)
+    engine = Engine(build_model(small_config(memory_dim=8), seed=0))
+    with pytest.raises(InputError, match="memory"):
+        engine.generate([[1, 2]], GenerationConfig(max_new_tokens=2, compile=True), memory=torch.zeros(2, 8))
