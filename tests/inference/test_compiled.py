@@ -70,6 +70,16 @@ def test_compiled_decoding_equals_eager_across_variants(
         _compare(engine, config, monkeypatch)
 
 
+@pytest.mark.slow
+@needs_compiler
+def test_speculative_decoding_with_compiled_drafts_equals_plain_greedy() -> None:
+    engine = Engine(build_model(small_config(), seed=0))
+    plain = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=12, loops=4, stop_tokens=()))
+    config = GenerationConfig(max_new_tokens=12, loops=4, stop_tokens=(), speculative=(2, 3), compile=True)
+    speculative = engine.generate(PROMPTS, config)
+    assert [o.tokens for o in speculative.outputs] == [o.tokens for o in plain.outputs]
+
+
 def test_history_width_is_a_power_of_two_of_at_least_64() -> None:
     assert [history_width(n) for n in (1, 63, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
 

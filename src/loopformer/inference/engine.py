@@ -389,7 +389,8 @@ class Engine:
 
         ``memory``: the memory vectors of these rows (memory-pathway models). ``budget``: per-row loop counts [b]
         (each <= ``loops``; T = 1 only): a row leaves the pass after its own count, the way an exit leaves it, so
-        rows at different depths share one pass (continuous batching)."""
+        rows at different depths share one pass (continuous batching). With ``config.compile``, single-token passes at
+        a fixed depth run as one compiled graph (:class:`~loopformer.inference.compiled.CompiledDecoder`)."""
         model = self.model
         kv = cache.begin(rows, positions, real)
         state = self.initial_state(positions, config.state_seed) if start is None else start
@@ -420,7 +421,7 @@ class Engine:
         return PassResult(logits, state, steps)
 
     def compiled(self) -> CompiledDecoder:
-        """The engine's compiled decoder (built on first use; it compiles once per loop count)."""
+        """The engine's compiled decoder (built on first use; see :mod:`loopformer.inference.compiled`)."""
         if self._compiled is None:
             self._compiled = CompiledDecoder(self.model)
         return self._compiled
