@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -28,9 +27,11 @@ from inference import (
     DECODE_LOOPS,
     FULL,
     HUGINN_REFERENCE_TOKENS_PER_S,
+    fail,
     held_out_stream,
     machine,
     progress,
+    run_report,
     take,
 )
 from loopformer.errors import LoopformerError
@@ -39,10 +40,7 @@ from loopformer.table import format_table
 from loopformer.training.checkpoint import load_trained_model
 from loopformer.training.tokenizer import TextTokenizer
 
-
-def fail(message: str) -> NoReturn:
-    print(f"compiled_decode.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+SCRIPT = "compiled_decode.py"
 
 
 def timed(engine: Engine, prompts: list[list[int]], config: GenerationConfig) -> tuple[float, GenerationResult]:
@@ -135,16 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
-        fail("--repeats must be >= 1.")
-    try:
-        report = measure(args, argv)
-    except LoopformerError as exc:
-        fail(str(exc))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    show(report)
-    return 0
+        fail("--repeats must be >= 1.", SCRIPT)
+    return run_report(args, argv, measure, show, SCRIPT)
 
 
 if __name__ == "__main__":

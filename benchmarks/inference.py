@@ -92,9 +92,28 @@ FULL = Sizes(prompt_tokens=32, new_tokens=64, warmup=1, repeats=3, score_rows=4,
 QUICK = Sizes(prompt_tokens=16, new_tokens=8, warmup=1, repeats=1, score_rows=2, score_tokens=16, task_count=4)
 
 
-def fail(message: str) -> NoReturn:
-    print(f"inference.py: error: {message}", file=sys.stderr)
+def fail(message: str, script: str = "inference.py") -> NoReturn:
+    print(f"{script}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def run_report(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    measure: Callable[[argparse.Namespace, Sequence[str]], dict[str, Any]],
+    show: Callable[[dict[str, Any]], None],
+    script: str,
+) -> int:
+    """A benchmark's ``main`` after parsing: measure, write ``--json``, print; a user error is one line, exit 2."""
+    try:
+        report = measure(args, argv)
+    except LoopformerError as exc:
+        fail(str(exc), script)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    show(report)
+    return 0
 
 
 def progress(section: str, message: str) -> None:
@@ -628,14 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         parse_rules(args.exit_thresholds)
-        report = measure(args, argv)
     except LoopformerError as exc:
         fail(str(exc))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    show(report)
-    return 0
+    return run_report(args, argv, measure, show, "inference.py")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -37,12 +36,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 import loopformer
-from inference import held_out_stream, progress, rounded, take
+from inference import held_out_stream, progress, rounded, run_report, take
 from loopformer.errors import LoopformerError
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.inference.engine import Engine, GenerationConfig
@@ -84,11 +83,6 @@ class Sizes:
 
 FULL = Sizes((1, 8, 32, 128), 8, 256, 4, (8, 32), 32, 64, 5, 128, "anima-micro")
 QUICK = Sizes((1, 2), 2, 16, 2, (2,), 8, 4, 1, 4, "tiny")
-
-
-def fail(message: str) -> NoReturn:
-    print(f"quantization.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def write_variants(path: Path, workdir: Path, schemes: dict[str, QuantScheme | None]) -> dict[str, Path]:
@@ -329,15 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     args = parser.parse_args(argv)
-    try:
-        report = measure(args, argv)
-    except LoopformerError as exc:
-        fail(str(exc))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    show(report)
-    return 0
+    return run_report(args, argv, measure, show, "quantization.py")
 
 
 if __name__ == "__main__":
