@@ -11,6 +11,8 @@ from loopformer.errors import InputError
 from loopformer.inference.compiled import CompiledDecoder, history_width
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.model import build_model
+from loopformer.quant import QuantScheme
+from loopformer.quant.model import quantize_model
 from support import needs_compiler, small_config
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 8, 7]]  # left-padded to a common width
@@ -97,6 +99,29 @@ def test_models_whose_iteration_depends_on_its_index_are_refused(changes: dict, 
     engine = Engine(build_model(small_config(**changes), seed=0))
     with pytest.raises(InputError, match=named):
         engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=2, loops=2, compile=True))
+
+
+@needs_compiler
+def test_compiled_decoding_of_an_int8_model_equals_its_eager_decoding() -> None:
+    """int8 weights run PyTorch's weight-only kernel on bf16-rounded activations in both modes; greedy tokens agree
+    (log-probabilities to 0.05: a last-bit difference before the bf16 rounding can flip it)."""
+    model = build_model(small_config(), seed=0)
+    quantize_model(model, QuantScheme(8))
+    engine = Engine(model)
+    config = GenerationConfig(max_new_tokens=16, loops=3, stop_tokens=())
+    eager = engine.generate(PROMPTS[:1], config)
+    compiled = engine.generate(PROMPTS[:1], replace(config, compile=True))
+    assert compiled.outputs[0].tokens == eager.outputs[0].tokens
+    ids = torch.tensor([PROMPTS[0] + PROMPTS[1]])
+    eager_scores, compiled_scores = engine.score(ids, config), engine.score(ids, replace(config, compile=True))
+    assert float((compiled_scores.log_probs - eager_scores.log_probs).abs().max()) < 0.05
+
+
+def test_int4_models_are_refused() -> None:
+    model = build_model(small_config(), seed=0)
+    quantize_model(model, QuantScheme(4, 32))
+    with pytest.raises(InputError, match="int4"):
+        Engine(model).generate([[1, 2]], GenerationConfig(max_new_tokens=2, compile=True))
 
 
 def test_compile_refuses_exits_and_memory() -> None:

@@ -32,6 +32,7 @@ from loopformer.errors import InputError
 from loopformer.inference.cache import KVCache, KVPass
 from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
+from loopformer.quant.tensor import QuantizedWeight
 
 # graphs one decoder may hold: loop counts x history widths (powers of two) x batch of 1 or more x slot policies
 RECOMPILE_LIMIT = 64
@@ -50,6 +51,11 @@ def compile_blocker(model: LoopLM) -> str | None:
     found = [name for name, present in reasons.items() if present]
     if found:
         return f"compiled decoding needs a core iteration that does not depend on its index; this model has {found[0]}."
+    if any(isinstance(b, QuantizedWeight) and b.data_.bits == 4 for b in model.buffers()):
+        return (
+            "compiled decoding does not support int4 weights (Inductor cannot build their kernel); decode them "
+            "without compile, or quantize to int8."
+        )
     if not has_cxx_compiler():
         return "compiled decoding needs a C++ compiler (g++ or clang++) on the PATH; none was found."
     return None
