@@ -21,6 +21,7 @@ or ACT halting head) and that read no memory vectors. :func:`compile_blocker` na
 
 from __future__ import annotations
 
+import functools
 import shutil
 import types
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from loopformer.errors import InputError
-from loopformer.inference.cache import KVCache, KVPass
+from loopformer.inference.cache import KVCache, KVPass, SlotPolicy
 from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
 from loopformer.quant.tensor import QuantizedWeight
@@ -150,7 +151,7 @@ class CompiledDecoder:
         mask = _history_mask(kv, column, width)
         positions = cache.positions[rows[:, None], kv.columns]
         rope = AttentionContext.for_positions(self.model.config, positions).tables  # outside: no inlined cos / sin
-        slots = cache.policy.slot_of(torch.arange(loops, device=ids.device))
+        slots, written_slots, last_iterations = _slot_plan(cache.policy, loops, ids.device)
         for tensor in (ids, *rope, state, mask):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         for keys, values in history.values():
@@ -158,7 +159,7 @@ class CompiledDecoder:
             torch._dynamo.maybe_mark_dynamic(values, values.dim() - 4)
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=RECOMPILE_LIMIT):
             logits, state, written = self._fn(ids, rope, state, mask, history, slots)
-        _store(cache, rows, column, written, slots)
+        _store(cache, rows, column, written, written_slots, last_iterations)
         return logits, state
 
 
@@ -189,6 +190,14 @@ def _own_code(method: Callable) -> Callable:
     return types.MethodType(copy, method.__self__)
 
 
+@functools.lru_cache(maxsize=64)
+def _slot_plan(policy: SlotPolicy, loops: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The slot of every iteration, and for each slot written the last iteration that writes it (its final entry)."""
+    last = {policy.slot(i): i for i in range(loops)}
+    slots = torch.tensor([policy.slot(i) for i in range(loops)], device=device)
+    return slots, torch.tensor(list(last), device=device), torch.tensor(list(last.values()), device=device)
+
+
 def reads_full_depth(kv: KVPass, loops: int) -> bool:
     """Whether every token the pass can see completed at least ``loops`` iterations (no fallback reads)."""
     return kv.shallowest >= loops
@@ -209,15 +218,14 @@ def _store(
     column: torch.Tensor,
     written: dict[str, tuple[torch.Tensor, torch.Tensor]],
     slots: torch.Tensor,
+    iterations: torch.Tensor,
 ) -> None:
-    """Write the pass's new entries at ``column`` [b] of ``rows``; per core slot, its last iteration's entry."""
-    last = {int(slot): i for i, slot in enumerate(slots.tolist())}
-    slot_ids = torch.tensor(list(last), device=rows.device)
-    iterations = torch.tensor(list(last.values()), device=rows.device)
+    """Write the pass's new entries at ``column`` [b] of ``rows``; core slot ``slots[j]`` gets the entry of iteration
+    ``iterations[j]`` (see :func:`_slot_plan`)."""
     for role, new in written.items():
         for store, entries in zip(cache.store[role], new, strict=True):
             if role == "core":  # store [L, slots, B, H, C, D]; entries [loops, L, b, H, D]
-                index = (slice(None), slot_ids[:, None], rows[None, :], slice(None), column[None, :])
+                index = (slice(None), slots[:, None], rows[None, :], slice(None), column[None, :])
                 store[index] = entries[iterations].permute(0, 2, 1, 3, 4).to(store.dtype)
             else:  # store [L, B, H, C, D]; entries [L, b, H, D]
                 store[:, rows, :, column] = entries.transpose(0, 1).to(store.dtype)
