@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from loopformer.errors import InputError
@@ -42,6 +44,7 @@ BRUTE = {
     "addition": _brute_addition,
     "addition-carry": _brute_addition,
     "vector-parity": _brute_vector_parity,
+    "vector-parity-sparse": _brute_vector_parity,
     "pointer-chasing": _brute_pointer_chasing,
 }
 PER_POSITION = {
@@ -49,6 +52,7 @@ PER_POSITION = {
     "addition": True,
     "addition-carry": True,
     "vector-parity": False,
+    "vector-parity-sparse": False,
     "pointer-chasing": False,
 }
 
@@ -59,6 +63,7 @@ def _expected_lengths(name: str, difficulty: int) -> tuple[int, int]:
         "addition": (difficulty + 1, difficulty + 1),
         "addition-carry": (difficulty + 1, difficulty + 1),
         "vector-parity": (32, 1),
+        "vector-parity-sparse": (2 * difficulty, 1),
         "pointer-chasing": (8 + 2 + difficulty, 1),
     }[name]
 
@@ -130,6 +135,29 @@ def test_vector_parity_limits() -> None:
     assert task.train_difficulty == (1, 6)
     with pytest.raises(InputError, match="vector-parity"):
         VectorParity(size=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sparse_vector_parity_writes_the_dense_vector_in_coordinate_form(seed: int) -> None:
+    """The same random draws give the same vector in both layouts: the sparse input lists its non-zero entries."""
+    dense = VectorParity(size=12).sample(5, random.Random(seed))
+    sparse = VectorParity(size=12, layout="sparse").sample(5, random.Random(seed))
+    entries = [(f"@{i}", e) for i, e in enumerate(dense.input) if e != "0"]
+    assert sparse.input == tuple(s for entry in entries for s in entry)
+    assert sparse.target == dense.target and sparse.difficulty == dense.difficulty == 5
+    assert VectorParity(size=12, layout="sparse").name == "vector-parity-sparse"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [(), ("@1",), ("@1", "+", "@1", "-"), ("@3", "+", "@1", "-"), ("@1", "0"), ("@6", "+"), ("+", "@1"), ("x", "+")],
+)
+def test_sparse_vector_parity_rejects_malformed_coordinates(bad: tuple[str, ...]) -> None:
+    with pytest.raises(InputError, match="vector-parity-sparse: expected pairs of an index"):
+        VectorParity(size=6, layout="sparse").solve(bad)
+    assert VectorParity(size=6, layout="sparse").solve(("@0", "+", "@2", "-", "@5", "+")) == ("0",)
+    with pytest.raises(InputError, match="layout must be one of dense, sparse"):
+        VectorParity(layout="coo")
 
 
 def test_addition_carries_and_columns() -> None:

@@ -400,6 +400,8 @@ def test_a_text_tokenizer_cannot_carry_task_data() -> None:
         ({"eval_data": "x.jsonl"}, "needs a task"),
         ({"task_data": "x.jsonl", "task_difficulty": "4"}, "built-in task only"),
         ({"task_data": "x.jsonl", "eval_difficulty": 8}, "built-in task only"),
+        ({"task_curriculum_steps": 10}, "built-in task only"),
+        ({"task": "prefix-parity", "task_curriculum_steps": -1}, "task_curriculum_steps"),
         ({"task": "prefix-parity", "eval_difficulty": 0}, "eval_difficulty"),
     ],
 )
@@ -433,6 +435,28 @@ def test_bad_task_difficulty_is_an_input_error_when_the_data_is_prepared(
     config = task_config(**fields)  # accepted by TrainConfig: the task decides what a difficulty means
     with pytest.raises(InputError, match=message):
         prepare_task_data(config)
+
+
+def test_a_curriculum_widens_the_difficulty_range_step_by_step() -> None:
+    """With task_curriculum_steps = 4 the upper end grows 1 -> 8 over four steps; the draws stay reproducible."""
+    config = TrainConfig(task="vector-parity", task_difficulty="2-8", task_curriculum_steps=4, batch_size=64)
+    data = prepare_task_data(config)
+    assert "reached over 4 steps" in data.summary
+    sampler = data.sampler(64, seed=0, rank=0, world_size=1)
+    highest = []
+    for _ in range(6):
+        bounds = sampler.current_bounds()
+        batch = sampler.next_batch()
+        nonzero = (batch.input_ids[:, 1:33] != data.encoder.symbols["0"]).sum(dim=1)
+        assert bounds[0] <= int(nonzero.min()) and int(nonzero.max()) <= bounds[1]
+        highest.append(bounds[1])
+    assert highest == [4, 5, 7, 8, 8, 8]  # 2 + ceil(6 * (i + 1) / 4)
+    again = data.sampler(64, seed=0, rank=0, world_size=1)
+    again.load_state_dict({"draws": 2})
+    sampler.load_state_dict({"draws": 2})
+    assert torch.equal(again.next_batch().input_ids, sampler.next_batch().input_ids)
+    flat = prepare_task_data(config.replace(task_curriculum_steps=0)).sampler(64, seed=0, rank=0, world_size=1)
+    assert flat.current_bounds() == (2, 8)
 
 
 def test_default_difficulties_come_from_the_task() -> None:

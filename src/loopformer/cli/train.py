@@ -15,6 +15,7 @@ from typing import Any
 from loopformer.config import ModelConfig, RecurrenceConfig, read_config_file
 from loopformer.errors import ConfigError
 from loopformer.presets import PRESETS, get_preset
+from loopformer.tasks.builtin import TASKS
 from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.training.config import TrainConfig
 
@@ -23,9 +24,10 @@ SKIPPED_FIELDS = {("model", "recurrence")}
 HELP = {
     "data": "stdlib (embedded), stdlib+topics, a text file, a folder of .txt/.md/.py, or JSONL with 'text'",
     "val_data": "a separate validation source (default: a hash split of --data)",
-    "task": "train on a built-in reasoning task instead of text: prefix-parity, addition, vector-parity, "
-    "pointer-chasing",
+    "task": f"train on a built-in reasoning task instead of text: {', '.join(TASKS)}",
     "task_difficulty": "training difficulty of --task: N or LOW-HIGH (default: the task's own)",
+    "task_curriculum_steps": "grow the --task-difficulty range from its lowest difficulty to its full width over "
+    "this many steps (0: the full range from the start)",
     "eval_difficulty": "validation difficulty of --task (default: twice the hardest training difficulty)",
     "task_data": 'JSONL of {"input": ..., "target": ...} examples (whitespace-separated symbols) to train on',
     "eval_data": "JSONL examples to validate a task run on (default: a --val-fraction share of --task-data)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from loopformer.errors import InputError
@@ -91,28 +92,60 @@ class Addition(Task):
 
 
 class VectorParity(Task):
-    """Parity of the '+' elements of a sparse vector (the ACT / PonderNet parity task)."""
+    """Parity of the '+' elements of a sparse vector (the ACT / PonderNet parity task).
 
-    name = "vector-parity"
-    description = "Whether a vector of '+', '-' and '0' elements holds an odd number of '+' elements."
+    ``layout="dense"`` writes all ``size`` elements. ``layout="sparse"`` writes the same vector in coordinate
+    form, as its non-zero entries in index order, each an index symbol ``@i`` followed by its sign: the input then
+    grows with the number of non-zero elements, so a model that reads it sequentially does work proportional to
+    the difficulty (the setting of a halting study; see docs/tasks.md).
+    """
+
     difficulty_name = "non-zero elements"
-    alphabet = ("0", "+", "-", "1")
+    layouts = ("dense", "sparse")
 
-    def __init__(self, size: int = 32) -> None:
-        _check_positive(self.name, "size", size)
+    def __init__(self, size: int = 32, layout: str = "dense") -> None:
+        _check_positive("vector-parity", "size", size)
+        if layout not in self.layouts:
+            raise InputError(f"vector-parity: layout must be one of {', '.join(self.layouts)}, got {layout!r}.")
         self.size = size
+        self.layout = layout
         self.max_difficulty = size
         self.train_difficulty = (1, min(8, size))
+        self._indices = tuple(f"@{i}" for i in range(size))
+        self._position = {symbol: i for i, symbol in enumerate(self._indices)}
+        if layout == "dense":
+            self.name = "vector-parity"
+            self.description = "Whether a vector of '+', '-' and '0' elements holds an odd number of '+' elements."
+            self.alphabet = ("0", "+", "-", "1")
+        else:
+            self.name = "vector-parity-sparse"
+            self.description = (
+                "Vector parity with the vector written as its non-zero entries ('@5 + @9 -'): the input grows "
+                "with the difficulty."
+            )
+            self.alphabet = ("0", "+", "-", "1", *self._indices)
 
     def sample(self, difficulty: int, rng: random.Random) -> Example:
         self.check_difficulty(difficulty)
         vector = ["0"] * self.size
         for i in rng.sample(range(self.size), difficulty):
             vector[i] = rng.choice("+-")
-        return Example(tuple(vector), self.solve(tuple(vector)), difficulty)
+        if self.layout == "sparse":
+            input = tuple(s for i, e in enumerate(vector) if e != "0" for s in (self._indices[i], e))
+        else:
+            input = tuple(vector)
+        return Example(input, self.solve(input), difficulty)
 
     def solve(self, input: tuple[str, ...]) -> tuple[str, ...]:
-        if len(input) != self.size or any(e not in ("0", "+", "-") for e in input):
+        if self.layout == "sparse":
+            indices = [self._position.get(s, -1) for s in input[::2]]
+            signs = input[1::2]
+            ordered = all(b > a for a, b in itertools.pairwise(indices))
+            if not input or len(input) % 2 or min(indices) < 0 or not ordered or not set(signs) <= {"+", "-"}:
+                raise self._malformed(
+                    input, f"pairs of an index '@0'..'@{self.size - 1}' (increasing) and a sign '+' or '-'"
+                )
+        elif len(input) != self.size or any(e not in ("0", "+", "-") for e in input):
             raise self._malformed(input, f"{self.size} elements, each '0', '+' or '-'")
         return (str(input.count("+") % 2),)
 
@@ -150,7 +183,15 @@ class PointerChasing(Task):
 
 
 TASKS: dict[str, Task] = {
-    t.name: t for t in (PrefixParity(), Addition(), Addition(0.9, "addition-carry"), VectorParity(), PointerChasing())
+    t.name: t
+    for t in (
+        PrefixParity(),
+        Addition(),
+        Addition(0.9, "addition-carry"),
+        VectorParity(),
+        VectorParity(layout="sparse"),
+        PointerChasing(),
+    )
 }
 
 

@@ -4,6 +4,8 @@
 
 * Built-in task (``TrainConfig.task``): every step draws fresh examples with difficulties uniform in the
   training range; the examples of step i are a pure function of (seed, i), so a resumed run continues exactly.
+  With ``task_curriculum_steps = C`` the range starts at its lowest difficulty and its upper end grows linearly
+  to the hardest over the first C steps.
   Evaluation uses a fixed set at ``eval_difficulty`` (default twice the hardest training difficulty).
 * User files (``task_data`` / ``eval_data``): the training examples are visited in a seeded order, one
   permutation per epoch; without ``eval_data`` a ``val_fraction`` share is held out.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,15 +46,31 @@ class GeneratedSampler:
     """Fresh examples every step; step i's global batch comes from seed (seed, i), this rank takes its slice."""
 
     def __init__(
-        self, task: Task, bounds: tuple[int, int], encoder: TaskEncoder, rows: int, seed: int, rank: int, world: int
+        self,
+        task: Task,
+        bounds: tuple[int, int],
+        encoder: TaskEncoder,
+        rows: int,
+        seed: int,
+        rank: int,
+        world: int,
+        curriculum_steps: int = 0,
     ) -> None:
         self.task, self.bounds, self.encoder = task, bounds, encoder
         self.rows, self.seed, self.rank, self.world = rows, seed, rank, world
+        self.curriculum_steps = curriculum_steps
         self.draws = 0
+
+    def current_bounds(self) -> tuple[int, int]:
+        """The difficulty range of the next batch: the curriculum's (see the module docstring) or the full one."""
+        low, high = self.bounds
+        if self.draws >= self.curriculum_steps:
+            return low, high
+        return low, low + math.ceil((high - low) * (self.draws + 1) / self.curriculum_steps)
 
     def next_batch(self) -> Batch:
         examples = self.task.generate_mixed(
-            *self.bounds, self.rows * self.world, seed=self.seed * 1_000_003 + self.draws
+            *self.current_bounds(), self.rows * self.world, seed=self.seed * 1_000_003 + self.draws
         )
         self.draws += 1
         return self.encoder.batch(examples[self.rank * self.rows : (self.rank + 1) * self.rows])
@@ -89,18 +108,22 @@ class TaskData:
     stats: dict[str, Any]
     task: Task | None = None
     bounds: tuple[int, int] | None = None
+    curriculum_steps: int = 0
     train_examples: list[Example] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
         if self.task is not None:
             low, high = self.bounds
-            return f"task {self.task.name} ({self.task.difficulty_name} {low}-{high}, fresh examples every step)"
+            ramp = f", reached over {self.curriculum_steps} steps" if self.curriculum_steps else ""
+            return f"task {self.task.name} ({self.task.difficulty_name} {low}-{high}{ramp}, fresh examples every step)"
         return f"{len(self.train_examples):,} task examples"
 
     def sampler(self, rows: int, seed: int, rank: int, world_size: int) -> GeneratedSampler | BatchSampler:
         if self.task is not None:
-            return GeneratedSampler(self.task, self.bounds, self.encoder, rows, seed, rank, world_size)
+            return GeneratedSampler(
+                self.task, self.bounds, self.encoder, rows, seed, rank, world_size, self.curriculum_steps
+            )
         return BatchSampler(ExampleRows(self.train_examples, self.encoder), rows, seed, rank, world_size)
 
     def eval_batches(self, batch_size: int, count: int) -> list[Batch]:
@@ -138,6 +161,7 @@ def prepare_task_data(config: TrainConfig, tokenizer: TextTokenizer | None = Non
             stats=stats,
             task=task,
             bounds=bounds,
+            curriculum_steps=config.task_curriculum_steps,
         )
     examples = read_task_file(config.task_data)
     if config.eval_data is not None:

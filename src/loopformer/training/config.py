@@ -25,6 +25,7 @@ class TrainConfig:
     val_data: str | None = None
     task: str | None = None
     task_difficulty: str | None = None
+    task_curriculum_steps: int = 0
     eval_difficulty: int | None = None
     task_data: str | None = None
     eval_data: str | None = None
@@ -81,7 +82,7 @@ class TrainConfig:
         )
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "keep_last", "log_every"):
             _check(getattr(self, name) >= 1, owner, name, getattr(self, name), "must be >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "max_bad_steps", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "max_bad_steps", "seed", "task_curriculum_steps"):
             _check(getattr(self, name) >= 0, owner, name, getattr(self, name), "must be >= 0 (0 turns it off)")
         _check(self.seq_len >= 2, owner, "seq_len", self.seq_len, "must be >= 2")
         _check(self.lr > 0, owner, "lr", self.lr, "must be > 0")
@@ -107,9 +108,9 @@ class TrainConfig:
             self.eval_data,
             "needs a task (task or task_data); text runs take val_data",
         )
-        for name in ("task_difficulty", "eval_difficulty"):
+        for name in ("task_difficulty", "eval_difficulty", "task_curriculum_steps"):
             value = getattr(self, name)
-            _check(value is None or self.task is not None, owner, name, value, "applies to a built-in task only")
+            _check(value in (None, 0) or self.task is not None, owner, name, value, "applies to a built-in task only")
         if self.eval_difficulty is not None:
             _check(self.eval_difficulty >= 1, owner, "eval_difficulty", self.eval_difficulty, "must be >= 1")
         _check_choice(owner, "schedule", self.schedule, SCHEDULES)
