@@ -1,4 +1,4 @@
-"""Shared test helpers: a small config that runs in milliseconds on a CPU, a tiny text corpus."""
+"""Shared test helpers: a small config that runs in milliseconds on a CPU, a tiny text corpus, random checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ import torch
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.inference.compiled import has_cxx_compiler
 from loopformer.inference.engine import Engine, GenerationConfig, GenerationResult
+from loopformer.model import build_model
+from loopformer.tasks.builtin import get_task
+from loopformer.tasks.encoding import task_tokenizer
+from loopformer.training.checkpoint import TrainingState, save_checkpoint
+from loopformer.training.tokenizer import TextTokenizer
 
 needs_compiler = pytest.mark.skipif(not has_cxx_compiler(), reason="compiled decoding needs a C++ compiler")
 
@@ -43,6 +48,38 @@ def write_corpus(folder: Path, documents: int = 24, words: int = 120) -> Path:
         picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
         (folder / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in picks) + "\n")
     return folder
+
+
+def save_random_checkpoint(run: Path, config: ModelConfig, tokenizer: TextTokenizer, train_config: dict) -> Path:
+    """A randomly initialised model saved as a checkpoint with its tokenizer and the training run's settings."""
+    state = TrainingState(
+        step=0,
+        model=build_model(config, seed=0).state_dict(),
+        config=config,
+        tokenizer_json=tokenizer.to_json(),
+        meta={"train_config": train_config},
+    )
+    save_checkpoint(run, state)
+    return run
+
+
+def benchmark_checkpoints(folder: Path) -> tuple[Path, Path]:
+    """A random byte-level text LM (with its corpus) and a random prefix-parity task model: the ``--ckpt`` and
+    ``--task-ckpt`` of a ``--quick`` benchmark run."""
+    corpus = write_corpus(folder / "corpus")
+    text = save_random_checkpoint(
+        folder / "text",
+        small_config(vocab_size=320, max_seq_len=128),
+        TextTokenizer.byte_level(),
+        {"data": str(corpus), "val_fraction": 0.25},
+    )
+    task = save_random_checkpoint(
+        folder / "task",
+        small_config(max_seq_len=64),
+        task_tokenizer(get_task("prefix-parity").alphabet),
+        {"task": "prefix-parity", "task_difficulty": "4"},
+    )
+    return text, task
 
 
 def generate_with_and_without_compaction(

@@ -10,46 +10,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from loopformer.config import ModelConfig
 from loopformer.inference.exits import EXIT_CRITERIA
-from loopformer.model import build_model
-from loopformer.tasks.builtin import get_task
-from loopformer.tasks.encoding import task_tokenizer
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
-from support import small_config, write_corpus
+from support import benchmark_checkpoints
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
 
 
-def save_random(run: Path, config: ModelConfig, tokenizer: TextTokenizer, train_config: dict) -> Path:
-    """A randomly initialised model saved as a checkpoint with its tokenizer and the training run's settings."""
-    model = build_model(config, seed=0)
-    state = TrainingState(
-        step=0,
-        model=model.state_dict(),
-        config=config,
-        tokenizer_json=tokenizer.to_json(),
-        meta={"train_config": train_config},
-    )
-    save_checkpoint(run, state)
-    return run
-
-
 def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
-    corpus = write_corpus(tmp_path / "corpus")
-    text = save_random(
-        tmp_path / "text",
-        small_config(vocab_size=320, max_seq_len=128),
-        TextTokenizer.byte_level(),
-        {"data": str(corpus), "val_fraction": 0.25},
-    )
-    task = save_random(
-        tmp_path / "task",
-        small_config(max_seq_len=64),
-        task_tokenizer(get_task("prefix-parity").alphabet),
-        {"task": "prefix-parity", "task_difficulty": "4"},
-    )
+    text, task = benchmark_checkpoints(tmp_path)
     out = tmp_path / "out.json"
     argv = ["--ckpt", str(text), "--task-ckpt", str(task), "--quick", "--threads", "1", "--json", str(out)]
     env = {**os.environ, "LOOPFORMER_CACHE": str(tmp_path / "cache")}
