@@ -54,11 +54,13 @@ HALTING = {"halting": "act", "halting_bias_init": -3.0, "ponder_cost": 1e-3}
 # the head put 93% of the weight on the first iteration within 150 steps and the task was not learned in 519 steps.
 # Delayed by 300 steps (then ramped over 300), the task is learned first; then 1e-3 left the head near the budget
 # (12-16 loops) after 900 steps, 1e-2 brought it to 2-3 loops with the fixed-depth accuracy, and 3e-2 collapsed the
-# answer positions to one iteration (expected loops 1.02). 900-step runs, seed 0 (benchmarks.md). The sparse layout
-# uses its demo recipe (a window of 3 and a curriculum over the first half of the run); the ponder cost waits until
-# the curriculum has reached the full range. It did not learn the scan in two runs (bias -3 with ponder cost 1e-2,
-# and these settings): the loss stayed near ln 2 once the curriculum reached 1-8, where the same recipe without the
-# head was well below it (benchmarks.md).
+# answer positions to one iteration (expected loops 1.02). 900-step runs, seed 0 (benchmarks.md).
+# The sparse layout learns its scan only without a head: trained from scratch with one (bias -3 / ponder 1e-2, and
+# bias -5 / ponder 3e-3, the ponder cost held until the curriculum reached 1-8) the loss went back to ln 2 once the
+# range widened, where the recipe without the head was well below it. A position that halts early gets no gradient
+# from the later iterations it would need. So the head is fine-tuned onto the trained scan model (every other weight
+# frozen, at a fixed depth of 24 so that it sees every iteration the scan needs), once per head input: the state
+# alone, and the state with its step size (benchmarks.md).
 PARITY: dict[str, dict[str, Any]] = {
     "vector-parity": {
         "model": {
@@ -74,9 +76,15 @@ PARITY: dict[str, dict[str, Any]] = {
         "difficulties": "2,4,8,16,32",
     },
     "vector-parity-sparse": {
-        "model": {**HALTING, "halting_bias_init": -5.0, "ponder_cost": 3e-3},  # warm-up: the curriculum's length
+        "model": {},
         "train": {},
-        "steps": 1400,
+        "steps": 880,
+        "head": {
+            "model": {**HALTING, "ponder_cost": 1e-2, "recurrence": RecurrenceConfig(sampler="fixed", mean_steps=24)},
+            "train": {"batch_size": 64, "lr": 1e-2, "warmup_steps": 20, "ema_decay": 0.0, "trainable": ("halting",)},
+            "steps": 400,
+            "inputs": ("state", "state+change"),
+        },
         "budget": 32,
         "difficulties": "1,2,4,6,8,12,16",
     },
@@ -159,41 +167,77 @@ def corpus_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def parity_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Train the ``--parity-task`` recipe (with a halting head from the start, or without one and then a head
+    fine-tuned per input) and score every exit against fixed loops."""
     started = time.perf_counter()
+    spec = PARITY[args.parity_task]
     recipe = get_recipe(args.parity_task)
     curriculum = round(recipe.curriculum_fraction * args.parity_steps)
-    model_config = recipe.model.replace(**{"halting_warmup_steps": curriculum, **PARITY[args.parity_task]["model"]})
+    model_changes = {"halting_warmup_steps": curriculum, **spec["model"]} if "head" not in spec else spec["model"]
+    model_config = recipe.model.replace(**model_changes)
     train = recipe.train.replace(
-        **PARITY[args.parity_task]["train"],
+        **spec["train"],
         task_curriculum_steps=curriculum,
         steps=args.parity_steps,
         warmup_steps=min(recipe.train.warmup_steps, args.parity_steps // 10),
         eval_depths=(model_config.recurrence.mean_steps,),
         seed=args.seed,
     )
-    trainer = Trainer(model_config, train, out / "parity", progress=False)
-    quiet_fit(trainer)
-    train_seconds = time.perf_counter() - started
-    weights = trainer.ema.applied(trainer.model) if trainer.ema is not None else contextlib.nullcontext()
-    with weights:  # the EMA weights, as the trainer's own evaluation uses them
-        fixed, exits = parity_scores(trainer.model.eval(), trainer.data.tokenizer, args)
+    report: dict[str, Any] = {"task": args.parity_task, "budget": args.budget, "count": args.count}
+    if args.parity_init is None:
+        trainer = Trainer(model_config, train, out / "parity", progress=False)
+        quiet_fit(trainer)
+        report.update(trained_run(trainer, train, out / "parity", time.perf_counter() - started))
+        base = out / "parity"
+    else:
+        base = args.parity_init
+        report["base_checkpoint"] = str(base)
+    if "head" not in spec:
+        fixed, exits = trained_scores(trainer, args)
+        return {**report, "fixed_accuracy": fixed, "exits": exits}
+    report["heads"] = {}
+    for halting_input in spec["head"]["inputs"]:
+        started = time.perf_counter()
+        head_model = recipe.model.replace(**spec["head"]["model"], halting_input=halting_input)
+        head_train = recipe.train.replace(
+            **spec["head"]["train"],
+            steps=args.head_steps or spec["head"]["steps"],
+            init_from=str(base),
+            init_from_ema=True,
+            eval_depths=(head_model.recurrence.mean_steps,),
+            seed=args.seed,
+        )
+        run_dir = out / f"head-{halting_input.replace('+', '-')}"
+        trainer = Trainer(head_model, head_train, run_dir, progress=False)
+        quiet_fit(trainer)
+        fixed, exits = trained_scores(trainer, args)
+        head = trained_run(trainer, head_train, run_dir, time.perf_counter() - started)
+        report["heads"][halting_input] = {**head, "fixed_accuracy": fixed, "exits": exits}
+    return report
+
+
+def trained_run(trainer: Trainer, train: TrainConfig, run_dir: Path, seconds: float) -> dict[str, Any]:
+    """The configs, size, length and loss / halting trajectory of a finished training run."""
     trajectory = [
         {k: r.get(k) for k in ("step", "loss", "depth", "halt_steps", "expected_loops", "ponder")}
-        for r in read_metrics(out / "parity" / "metrics.jsonl", "train")
+        for r in read_metrics(run_dir / "metrics.jsonl", "train")
     ]
     return {
-        "task": args.parity_task,
-        "model": model_config.to_dict(),
+        "model": trainer.model_config.to_dict(),
         "train": train.to_dict(),
         "parameters": trainer.model.num_parameters(),
         "train_steps": trainer.step,
-        "train_seconds": round(train_seconds, 1),
-        "budget": args.budget,
-        "count": args.count,
+        "train_seconds": round(seconds, 1),
         "training_trajectory": trajectory,
-        "fixed_accuracy": fixed,
-        "exits": exits,
     }
+
+
+def trained_scores(trainer: Trainer, args: argparse.Namespace) -> tuple[dict, dict]:
+    """:func:`parity_scores` of the trained model, with its EMA weights when it keeps them (as the trainer's own
+    evaluation scores it)."""
+    weights = trainer.ema.applied(trainer.model) if trainer.ema is not None else contextlib.nullcontext()
+    with weights:
+        return parity_scores(trainer.model.eval(), trainer.data.tokenizer, args)
 
 
 def parity_scores(model: torch.nn.Module, tokenizer: TextTokenizer, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -241,15 +285,29 @@ def corpus_table(report: dict[str, Any]) -> str:
 
 
 def parity_table(report: dict[str, Any]) -> str:
-    columns = [*map(str, report["fixed_accuracy"]), "all"]
-    lines = [f"(b) {report['task']}, {report['train_steps']} steps; budget {report['budget']} loops"]
-    loops = [[label, *(cells[c]["mean_loops"] for c in columns)] for label, cells in report["exits"].items()]
-    answer = [[label, *(cells[c]["answer_loops"] for c in columns)] for label, cells in report["exits"].items()]
+    if "heads" not in report:
+        return exits_table(
+            report, f"(b) {report['task']}, {report['train_steps']} steps; budget {report['budget']} loops"
+        )
+    base = f"{report['train_steps']} steps" if "train_steps" in report else report["base_checkpoint"]
+    titles = {
+        halting_input: f"(b) {report['task']} ({base}), a {halting_input} halting head fine-tuned "
+        f"{head['train_steps']} steps; budget {report['budget']} loops"
+        for halting_input, head in report["heads"].items()
+    }
+    return "\n".join(exits_table(head, titles[key]) for key, head in report["heads"].items())
+
+
+def exits_table(result: dict[str, Any], title: str) -> str:
+    columns = [*map(str, result["fixed_accuracy"]), "all"]
+    exits = result["exits"].items()
+    loops = [[label, *(cells[c]["mean_loops"] for c in columns)] for label, cells in exits]
+    answer = [[label, *(cells[c]["answer_loops"] for c in columns)] for label, cells in exits]
     accuracy = [
         [label, *(f"{cells[c]['accuracy']:.1f} / {cells[c]['fixed_accuracy']:.1f}" for c in columns)]
-        for label, cells in report["exits"].items()
+        for label, cells in exits
     ]
-    lines += ["mean loops per fed token", format_table(["exit", *columns], loops)]
+    lines = [title, "mean loops per fed token", format_table(["exit", *columns], loops)]
     lines += ["mean loops at the answer position", format_table(["exit", *columns], answer)]
     lines += ["accuracy % at exit / fixed loops at round(loops per token)", format_table(["exit", *columns], accuracy)]
     return "\n".join(lines)
@@ -264,6 +322,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--parity-task", choices=tuple(PARITY), default=next(iter(PARITY)), help="the vector layout")
     parser.add_argument("--parity-steps", type=int, help="vector-parity training steps (default: per layout)")
+    parser.add_argument(
+        "--parity-init",
+        type=Path,
+        help="vector-parity-sparse: fine-tune the halting heads onto this trained checkpoint instead of training one",
+    )
+    parser.add_argument("--head-steps", type=int, help="halting-head fine-tuning steps (default: per layout)")
     parser.add_argument("--budget", type=int, help="vector-parity loop budget (default: per layout)")
     parser.add_argument("--difficulties", help="non-zero element counts (default: per layout)")
     parser.add_argument("--count", type=int, default=256)
@@ -272,6 +336,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     defaults = PARITY[args.parity_task]
+    if args.parity_init is not None and "head" not in defaults:
+        parser.error(f"--parity-init applies to a layout whose halting head is fine-tuned, not {args.parity_task}")
     args.parity_steps = args.parity_steps or defaults["steps"]
     args.budget = args.budget or defaults["budget"]
     args.difficulties = args.difficulties or defaults["difficulties"]

@@ -28,6 +28,7 @@ LOOP_EMBEDDINGS = ("none", "sinusoidal", "learned")
 LOOP_OVERFLOW_POLICIES = ("reuse-last", "cycle", "off")
 DEPTH_SAMPLERS = ("lognormal-poisson", "fixed", "uniform", "poisson", "geometric")
 HALTING_MODES = ("none", "act")
+HALTING_INPUTS = ("state", "state+change")
 ATTENTIONS = ("mha", "mla")
 
 
@@ -144,6 +145,7 @@ class ModelConfig:
     memory_dim: int = 0
     # learned ACT halting (loopformer.nn.halting): head bias, Graves ponder cost, optional PonderNet prior
     halting: str = "none"
+    halting_input: str = "state"
     halting_bias_init: float = -3.0
     ponder_cost: float = 1e-3
     halting_prior: float | None = None
@@ -218,6 +220,7 @@ class ModelConfig:
         _check(0 < self.lti_eps < 1, owner, "lti_eps", self.lti_eps, "must lie in (0, 1)")
         _check(self.state_init_std >= 0, owner, "state_init_std", self.state_init_std, "must be >= 0")
         _check_choice(owner, "halting", self.halting, HALTING_MODES)
+        _check_choice(owner, "halting_input", self.halting_input, HALTING_INPUTS)
         bias = self.halting_bias_init
         _check(math.isfinite(bias), owner, "halting_bias_init", bias, "must be finite")
         for name in ("ponder_cost", "halting_kl_weight"):

@@ -50,7 +50,9 @@ def layer_flops(config: ModelConfig, seq_len: int, lora: bool = False, moe: bool
 def core_step_flops(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one core iteration (injection state term + core layers + ACT halting head)."""
     injection = 2 * config.dim * config.dim if config.injection == "concat" else 0
-    halting = 2 * config.dim if config.halting == "act" else 0
+    halting = 0
+    if config.halting == "act":  # the head's dot product, and with the change input two vector norms
+        halting = (6 if config.halting_input == "state+change" else 2) * config.dim
     return injection + halting + config.n_core * layer_flops(config, seq_len, lora=True, moe=config.moe_routed > 0)
 
 

@@ -73,7 +73,11 @@ class LoopLM(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
         self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude))
         self.memory = MemoryMixer(config) if config.memory_dim else None
-        self.halting = HaltingHead(config.dim, config.halting_bias_init) if config.halting == "act" else None
+        self.halting = (
+            HaltingHead(config.dim, config.halting_bias_init, use_change=config.halting_input == "state+change")
+            if config.halting == "act"
+            else None
+        )
         self.injection = INJECTIONS[config.injection](config)
         self.loop_embedding = LoopEmbedding(config) if config.loop_embedding != "none" else None
         moe = config.moe_routed > 0

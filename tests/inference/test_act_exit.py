@@ -22,6 +22,8 @@ def act_model(**changes: object) -> LoopLM:
     with torch.no_grad():
         model.halting.weight.copy_(torch.randn(model.halting.weight.shape, generator=torch.Generator().manual_seed(5)))
         model.halting.bias.fill_(-0.8)
+        if model.halting.change_weight is not None:
+            model.halting.change_weight.fill_(-0.6)
     return model.eval()
 
 
@@ -36,7 +38,8 @@ def naive_halting(model: LoopLM, states: list[torch.Tensor], caps: torch.Tensor)
             total = 0.0
             cap = int(caps[b, t])
             for n in range(1, cap + 1):
-                p = float(model.halting(states[n - 1][b, t]))
+                previous = states[n - 2][b, t] if n > 1 else None
+                p = float(model.halting(states[n - 1][b, t], previous))
                 if total + p >= ACT_THRESHOLD or n == cap:
                     mixture[b, t] += (1.0 - total) * states[n - 1][b, t]
                     steps[b, t] = n
@@ -46,13 +49,22 @@ def naive_halting(model: LoopLM, states: list[torch.Tensor], caps: torch.Tensor)
     return steps, mixture
 
 
-@pytest.mark.parametrize(("rule", "loops"), [("act", 1), ("act", 6), ("latent-diff:0.2", 6), ("kl:0.05", 6)])
-def test_score_halts_where_the_head_says(rule: str, loops: int) -> None:
+@pytest.mark.parametrize(
+    ("rule", "loops", "halting_input"),
+    [
+        ("act", 1, "state"),
+        ("act", 6, "state"),
+        ("act", 6, "state+change"),
+        ("latent-diff:0.2", 6, "state"),
+        ("kl:0.05", 6, "state+change"),
+    ],
+)
+def test_score_halts_where_the_head_says(rule: str, loops: int, halting_input: str) -> None:
     """With a one-position attention window tokens do not see each other, so a per-token reference built from
     the full forward's states is exact. With ``act`` each fed token stops at the head's halting iteration; with a
     zero-shot rule where that rule fires. Either way it is decoded from the ACT mixture capped there; the
     prefilled first token runs the whole budget and is decoded from the mixture capped at it."""
-    model = act_model(sliding_window=1)
+    model = act_model(sliding_window=1, halting_input=halting_input)
     engine = Engine(model)
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(7))
     log_probs, steps, _ = engine.score(ids, GenerationConfig(loops=loops, exit=rule))
@@ -87,8 +99,9 @@ def test_threshold_one_runs_the_budget_and_equals_the_fixed_depth_pass() -> None
     torch.testing.assert_close(exits.log_probs, fixed.log_probs, atol=1e-5, rtol=0)
 
 
-def test_halted_rows_leave_the_batch_and_nothing_else_changes() -> None:
-    model = act_model()
+@pytest.mark.parametrize("halting_input", ["state", "state+change"])
+def test_halted_rows_leave_the_batch_and_nothing_else_changes(halting_input: str) -> None:
+    model = act_model(halting_input=halting_input)
     engine = Engine(model)
     results, rows = generate_with_and_without_compaction(
         engine, PROMPTS, GenerationConfig(max_new_tokens=10, loops=8, exit="act")

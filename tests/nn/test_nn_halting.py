@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loopformer.model import build_model
-from loopformer.nn.halting import ACT, ACT_THRESHOLD, HaltingHead, penalty_scale
+from loopformer.nn.halting import ACT, ACT_THRESHOLD, HALTING_CHANGE_FLOOR, HaltingHead, penalty_scale
 from support import small_config
 
 
@@ -96,6 +96,26 @@ def test_the_head_starts_at_its_bias() -> None:
     assert build_model(small_config(), seed=0).halting is None
     # a fresh model halts (by the threshold) only after about 21 iterations: deep by default
     assert math.ceil(ACT_THRESHOLD / float(p[0, 0].detach())) == 21
+    # the change input starts switched off: a fresh state+change head is the plain one, whatever the step size
+    change_head = build_model(small_config(halting="act", halting_input="state+change"), seed=0).halting
+    states = torch.randn(2, 5, 32)
+    torch.testing.assert_close(change_head(states, torch.randn(2, 5, 32)), head(states))
+
+
+def test_the_change_input_by_hand() -> None:
+    head = HaltingHead(3, bias_init=0.5, use_change=True).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
+        head.change_weight.fill_(-0.7)
+    previous, state = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 2.0, 2.3])
+    rms = state / math.sqrt(float((state**2).mean()) + 1e-6)
+    plain = float(rms @ torch.tensor([1.0, -2.0, 0.5])) + 0.5
+    change = 0.3 / math.sqrt(1 + 4 + 2.3**2)
+    expected = 1 / (1 + math.exp(-(plain - 0.7 * math.log(change + HALTING_CHANGE_FLOOR))))
+    assert float(head(state, previous)) == pytest.approx(expected, rel=1e-5)
+    assert float(head(state)) == pytest.approx(1 / (1 + math.exp(-plain)), rel=1e-5)  # the first iteration
+    assert float(head(state, state)) > float(head(state, previous))  # a state that stopped moving halts sooner
+    assert HaltingHead(3).change_weight is None
 
 
 def halting_model(**changes: object) -> torch.nn.Module:
@@ -103,18 +123,26 @@ def halting_model(**changes: object) -> torch.nn.Module:
     with torch.no_grad():  # a head that halts positions at different iterations
         model.halting.weight.copy_(torch.randn(model.halting.weight.shape, generator=torch.Generator().manual_seed(3)))
         model.halting.bias.fill_(-1.0)
+        if model.halting.change_weight is not None:
+            model.halting.change_weight.fill_(-0.5)
     return model
 
 
+def head_probabilities(model: torch.nn.Module, states: list[torch.Tensor]) -> torch.Tensor:
+    """p_n of every iteration [S, ...], each computed with the state before it (None at the first)."""
+    return torch.stack([model.halting(s, prev) for prev, s in zip([None, *states[:-1]], states, strict=True)])
+
+
+@pytest.mark.parametrize("halting_input", ["state", "state+change"])
 @pytest.mark.parametrize("steps", [5, "per-row"])
-def test_forward_decodes_the_act_mixture(steps: object) -> None:
-    model = halting_model().eval()
+def test_forward_decodes_the_act_mixture(steps: object, halting_input: str) -> None:
+    model = halting_model(halting_input=halting_input).eval()
     ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
     num_steps = torch.tensor([2, 5, 4]) if steps == "per-row" else steps
     caps = num_steps.tolist() if steps == "per-row" else [steps] * 3
     with torch.no_grad():
         out = model(ids, num_steps=num_steps, seed=0, return_states=True)
-        p = torch.stack([model.halting(s) for s in out.states])  # [S, B, T]
+        p = head_probabilities(model, out.states)  # [S, B, T]
         ctx = model.context(ids)
         halting_steps = torch.zeros(3, 7, dtype=torch.long)
         mixture = torch.zeros(3, 7, 32)
@@ -150,18 +178,18 @@ def test_the_penalty_waits_then_ramps() -> None:
     assert penalty_scale(0, 0) == 1.0
 
 
-@pytest.mark.parametrize("per_row", [False, True])
-def test_truncated_backprop_still_trains_the_halting_head(per_row: bool) -> None:
+@pytest.mark.parametrize(("per_row", "halting_input"), [(False, "state"), (True, "state"), (True, "state+change")])
+def test_truncated_backprop_still_trains_the_halting_head(per_row: bool, halting_input: str) -> None:
     """The head's gradient comes through the halting probabilities of every iteration: it is the same whether
     2 or all 6 iterations carry gradient (the states are only constants to it), and it is not zero."""
     ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(4))
     steps = torch.tensor([6, 4, 5]) if per_row else 6
     grads = {}
     for depth in (2, None):
-        model = halting_model(halting_prior=0.3).train()
+        model = halting_model(halting_prior=0.3, halting_input=halting_input).train()
         out = model(ids, num_steps=steps, labels=ids, backprop_depth=depth, seed=0)
         out.loss.backward()
-        grads[depth] = (model.halting.weight.grad.clone(), model.halting.bias.grad.clone())
+        grads[depth] = [param.grad.clone() for param in model.halting.parameters()]
     for truncated, full in zip(grads[2], grads[None], strict=True):
         assert bool(truncated.abs().sum() > 0)
         torch.testing.assert_close(truncated, full, atol=1e-6, rtol=1e-4)

@@ -15,7 +15,7 @@ from loopformer.errors import ConfigError, InputError
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.flops import core_step_flops
 from loopformer.model import build_model
-from loopformer.training.checkpoint import load_trained_model
+from loopformer.training.checkpoint import load_checkpoint, load_trained_model, resolve_checkpoint
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import Batch
 from loopformer.training.metrics import read_metrics
@@ -34,6 +34,7 @@ from support import small_config, write_corpus
         ({"halting_bias_init": float("inf")}, "halting_bias_init"),
         ({"halting": True}, "halting"),
         ({"halting_warmup_steps": -1}, "halting_warmup_steps"),
+        ({"halting_input": "change"}, "halting_input"),
     ],
 )
 def test_config_names_the_bad_halting_field(changes: dict, field: str) -> None:
@@ -46,6 +47,10 @@ def test_config_round_trips_and_counts_the_head() -> None:
     assert ModelConfig.from_dict(json.loads(config.to_json())) == config
     assert build_model(config).num_parameters() == build_model(small_config()).num_parameters() + config.dim + 1
     assert core_step_flops(config, 16) - core_step_flops(small_config(), 16) == 2 * config.dim
+    change = config.replace(halting_input="state+change")
+    assert ModelConfig.from_dict(json.loads(change.to_json())) == change
+    assert build_model(change).num_parameters() == build_model(config).num_parameters() + 1
+    assert core_step_flops(change, 16) - core_step_flops(config, 16) == 4 * config.dim
 
 
 def test_evaluation_at_each_depth_equals_separate_forwards() -> None:
@@ -177,3 +182,77 @@ def test_eval_task_exit_errors_exit_2(
     assert main(["eval-task", "--ckpt", str(task_run), "--difficulty", "4", "--count", "4", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def task_training(**changes: object) -> TrainConfig:
+    base = {"task": "vector-parity", "task_difficulty": "1-4", "steps": 4, "batch_size": 16, "eval_depths": (2,)}
+    return TrainConfig(**{**base, "eval_every": 0, "save_every": 0, "eval_batches": 1, "device": "cpu", **changes})
+
+
+def quiet_fit(model: ModelConfig, config: TrainConfig, out: Path) -> Trainer:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(model, config, out, progress=False, stream=io.StringIO())
+        trainer.fit()
+        return trainer
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def headless_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The task model without a halting head, trained with an EMA."""
+    out = tmp_path_factory.mktemp("headless") / "run"
+    quiet_fit(TASK_MODEL.replace(halting="none"), task_training(ema_decay=0.5), out)
+    return out
+
+
+def test_a_halting_head_fine_tunes_onto_a_frozen_trained_model(headless_run: Path, tmp_path: Path) -> None:
+    """init_from a model without a head, adding one: the head starts fresh, the rest is the checkpoint's EMA
+    weights, and with trainable=halting only the head moves."""
+    base = load_checkpoint(resolve_checkpoint(headless_run))
+    assert base.ema is not None and any(not torch.equal(base.ema[k], base.model[k]) for k in base.model)
+    model = TASK_MODEL.replace(halting_input="state+change", recurrence=RecurrenceConfig(sampler="fixed", mean_steps=4))
+    config = task_training(init_from=str(headless_run), init_from_ema=True, trainable=("halting",), lr=1e-2)
+    trainer = quiet_fit(model, config, tmp_path / "head")
+    assert (
+        "the halting head (halting.weight, halting.bias, halting.change_weight) starts fresh"
+        in trainer.stream.getvalue()
+    )
+    tuned = load_checkpoint(resolve_checkpoint(tmp_path / "head"))
+    assert sorted(set(tuned.model) - set(base.model)) == ["halting.bias", "halting.change_weight", "halting.weight"]
+    for name, tensor in base.ema.items():
+        assert torch.equal(tuned.model[name], tensor), name
+    fresh = build_model(tuned.config).halting
+    assert all(not torch.equal(tuned.model[f"halting.{n}"], p.detach()) for n, p in fresh.named_parameters())
+    assert tuned.meta["train_config"]["trainable"] == ["halting"]
+
+
+@pytest.mark.parametrize(
+    ("model", "changes", "message"),
+    [
+        ({}, {"trainable": ("nope",)}, "trainable prefix 'nope' names no parameter; the model has coda, core"),
+        ({"dim": 64}, {}, "The checkpoint has dim=32"),
+        ({"halting": "none"}, {"trainable": ("halting",)}, "prefix 'halting' names no"),
+    ],
+)
+def test_fine_tune_errors_name_the_problem(
+    headless_run: Path, tmp_path: Path, model: dict, changes: dict, message: str
+) -> None:
+    config = task_training(init_from=str(headless_run), **changes)
+    with pytest.raises(InputError, match=message):
+        quiet_fit(TASK_MODEL.replace(**model), config, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_init_from_ema_needs_an_ema_and_a_head_is_not_dropped(task_run: Path, tmp_path: Path) -> None:
+    config = task_training(init_from=str(task_run), init_from_ema=True)
+    with pytest.raises(InputError, match="holds no EMA weights"):
+        quiet_fit(TASK_MODEL, config, tmp_path / "a")
+    with pytest.raises(InputError, match="halting='act'"):
+        quiet_fit(TASK_MODEL.replace(halting="none"), task_training(init_from=str(task_run)), tmp_path / "b")
+    with pytest.raises(ConfigError, match="init_from_ema=True is invalid: needs init_from"):
+        task_training(init_from_ema=True)
+    with pytest.raises(ConfigError, match=r"TrainConfig\.trainable="):
+        task_training(trainable="halting,")

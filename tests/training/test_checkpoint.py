@@ -255,6 +255,7 @@ def test_shape_fields_are_exactly_the_ones_that_change_parameters() -> None:
     # fields that matter only with a feature switched on: changed against a base that has it
     mla_base, moe_base = base.replace(attention="mla"), base.replace(moe_routed=4)
     conditional = {
+        "halting_input": (base.replace(halting="act"), "state+change"),
         "mla_kv_rank": (mla_base, 4),
         "mla_q_rank": (mla_base, 8),
         "mla_rope_dim": (mla_base, 6),

@@ -34,7 +34,11 @@ HELP = {
     "tokenizer": "bpe (trained on the data and cached), byte, or a tokenizer.json path",
     "steps": "total optimizer steps (the schedule's length)",
     "eval_depths": "comma-separated depths for validation perplexity (and exact match on tasks)",
-    "init_from": "fine-tune: start from this checkpoint's weights, tokenizer and model config",
+    "init_from": "fine-tune: start from this checkpoint's weights, tokenizer and model config (a model that adds "
+    "a halting head, --halting act, starts that head fresh)",
+    "init_from_ema": "start --init-from from the checkpoint's EMA weights (the ones its evaluation scored)",
+    "trainable": "train only the parameters whose names start with one of these comma-separated prefixes, e.g. "
+    "halting (none: every parameter trains)",
     "time_limit_minutes": "stop with a checkpoint after this many minutes",
     "vocab_size": "set from the tokenizer for new runs (padded to a multiple of 64)",
 }
@@ -44,7 +48,14 @@ def field_kind(annotation: str) -> tuple[Any, bool]:
     """(parser for one value, whether None is allowed) of a dataclass field's annotation."""
     optional = "None" in annotation
     base = annotation.replace("| None", "").strip()
-    parsers: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "tuple[int, ...]": str}
+    parsers: dict[str, Any] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": bool,
+        "tuple[int, ...]": str,
+        "tuple[str, ...]": str,
+    }
     return parsers[base], optional
 
 
@@ -70,7 +81,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 continue
             parse, optional = field_kind(str(f.type))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
             text = HELP.get(f.name, "")
             helptext = f"{text} (default: {shown})" if text else f"default: {shown}"
             flag = "--" + f.name.replace("_", "-")

@@ -2,9 +2,10 @@
 
 After core iteration n the head gives every position a halting probability p_n = sigmoid(w . rms(s_n) + b)
 (b starts at ``halting_bias_init``, about -3, and w at 0: p = 0.047 everywhere, so a fresh model keeps most of
-its weight on the last iteration). A position halts at N, the first n with p_1 + ... + p_n >= 1 - eps
-(eps = 0.01), or at its last allowed iteration (the cap: the sampled training depth, or the inference loop
-budget). Its output is the mixture
+its weight on the last iteration); with ``halting_input="state+change"`` the logit also reads the log of the
+iteration's relative step size (see :class:`HaltingHead`). A position halts at N, the first n with
+p_1 + ... + p_n >= 1 - eps (eps = 0.01), or at its last allowed iteration (the cap: the sampled training depth, or
+the inference loop budget). Its output is the mixture
 
     y = sum_{n<N} p_n s_n + R s_N,   R = 1 - sum_{n<N} p_n   (the halting iteration takes the remainder)
 
@@ -32,6 +33,7 @@ from torch import nn
 
 ACT_EPS = 0.01
 ACT_THRESHOLD = 1.0 - ACT_EPS
+HALTING_CHANGE_FLOOR = 1e-4  # keeps log(change) finite for a state that stopped moving
 
 
 def penalty_scale(step: int, warmup: int) -> float:
@@ -48,26 +50,44 @@ def penalty_scale(step: int, warmup: int) -> float:
 
 
 class HaltingHead(nn.Module):
-    """One halting probability per position from the RMS-normalised state, computed in fp32."""
+    """One halting probability per position from the RMS-normalised state, computed in fp32.
 
-    def __init__(self, dim: int, bias_init: float = -3.0, eps: float = 1e-6) -> None:
+    With ``use_change`` (``halting_input="state+change"``) the logit also reads how far the state moved in the
+    iteration: ``+ c * log(||s_n - s_{n-1}|| / ||s_n|| + 1e-4)``, with ``c`` starting at 0 (a fresh head is the
+    plain one) and the change taken as 1 (log 0) at the first iteration. A linear read of the state alone cannot
+    tell a finished computation from an unfinished one that looks alike (measured on vector-parity-sparse,
+    docs/benchmarks.md); the step size is what the zero-shot ``latent-diff`` exit reads.
+    """
+
+    def __init__(self, dim: int, bias_init: float = -3.0, eps: float = 1e-6, use_change: bool = False) -> None:
         super().__init__()
         self.bias_init = bias_init
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(1, dim))
         self.bias = nn.Parameter(torch.empty(1))
+        self.change_weight = nn.Parameter(torch.empty(1)) if use_change else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.weight.zero_()
         self.bias.fill_(self.bias_init)
+        if self.change_weight is not None:
+            self.change_weight.zero_()
 
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        """Halting probabilities [...] (fp32) of states [..., D]."""
+    def forward(self, state: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Halting probabilities [...] (fp32) of states [..., D]; ``previous``: the states one iteration earlier
+        (None at the first iteration; ignored without ``use_change``)."""
         with torch.autocast(state.device.type, enabled=False):
-            x = F.rms_norm(state.float(), (state.shape[-1],), eps=self.eps)
-            return torch.sigmoid(F.linear(x, self.weight.float(), self.bias.float()))[..., 0]
+            x = state.float()
+            logit = F.linear(F.rms_norm(x, (x.shape[-1],), eps=self.eps), self.weight.float(), self.bias.float())[
+                ..., 0
+            ]
+            if self.change_weight is not None and previous is not None:
+                norm = torch.linalg.vector_norm(x, dim=-1).clamp_min(self.eps)
+                change = torch.linalg.vector_norm(x - previous.float(), dim=-1) / norm
+                logit = logit + self.change_weight.float() * torch.log(change + HALTING_CHANGE_FLOOR)
+            return torch.sigmoid(logit)
 
 
 @dataclass
@@ -136,9 +156,12 @@ class ACT:
         self.kl: torch.Tensor | None = None
         self.total: torch.Tensor | None = None  # cumulative halting probability after the latest update
         self.latest: torch.Tensor | None = None
+        self.previous: torch.Tensor | None = None  # the state of the latest call (the head's change input)
 
     def __call__(self, step: int, state: torch.Tensor) -> None:
-        self.update(step, state, self.head(state), self._at_cap(step, state))
+        p = self.head(state, self.previous if step > 1 else None)
+        self.previous = state
+        self.update(step, state, p, self._at_cap(step, state))
 
     def _at_cap(self, step: int, state: torch.Tensor) -> bool | torch.Tensor:
         if self.cap is None:
@@ -202,7 +225,7 @@ class ACT:
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the positions ``keep`` (indices along the first leading dimension; an int or no cap)."""
         tracked = ("running", "cumulative", "mixture", "halted", "steps", "remainder", "expected", "kl", "total")
-        for name in (*tracked, "latest"):
+        for name in (*tracked, "latest", "previous"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[keep])

@@ -44,8 +44,8 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 SHAPE_FIELDS = (
     "vocab_size", "dim", "n_heads", "n_kv_heads", "head_dim", "n_prelude", "n_core", "n_coda", "mlp_hidden",
     "norm_layout", "qk_bias", "qk_norm", "tie_embeddings", "injection", "loop_embedding", "lora_rank",
-    "per_loop_slots", "halting", "attention", "mla_kv_rank", "mla_q_rank", "mla_rope_dim", "moe_routed", "moe_shared",
-    "moe_hidden", "memory_dim",
+    "per_loop_slots", "halting", "halting_input", "attention", "mla_kv_rank", "mla_q_rank", "mla_rope_dim",
+    "moe_routed", "moe_shared", "moe_hidden", "memory_dim",
 )  # fmt: skip
 
 
@@ -423,7 +423,17 @@ def _shape_view(config: ModelConfig, name: str) -> Any:
         return None
     if name in ("moe_shared", "moe_hidden") and not config.moe_routed:
         return None
+    if name == "halting_input" and config.halting == "none":
+        return None
     return getattr(config, name)
+
+
+def adds_halting_head(saved: ModelConfig, requested: ModelConfig) -> bool:
+    """Whether ``requested`` has halting-head parameters that ``saved`` lacks and none that it would drop: no head
+    -> a head, or a ``state`` head -> a ``state+change`` head (a fine-tune then starts the new ones fresh)."""
+    if requested.halting != "act" or (saved.halting == "act" and saved.halting_input == requested.halting_input):
+        return False
+    return saved.halting == "none" or saved.halting_input == "state"
 
 
 def check_compatible(saved: ModelConfig, requested: ModelConfig) -> None:

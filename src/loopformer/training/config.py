@@ -63,9 +63,22 @@ class TrainConfig:
     strategy: str = "ddp"
     tensorboard: bool = False
     init_from: str | None = None
+    init_from_ema: bool = False
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
+        if isinstance(self.trainable, (list, str)):
+            prefixes = self.trainable.split(",") if isinstance(self.trainable, str) else self.trainable
+            object.__setattr__(self, "trainable", tuple(p.strip() if isinstance(p, str) else p for p in prefixes))
+        _check(
+            isinstance(self.trainable, tuple) and all(isinstance(p, str) and p for p in self.trainable),
+            owner,
+            "trainable",
+            self.trainable,
+            "expected comma-separated parameter-name prefixes such as halting",
+        )
+        _check(not self.init_from_ema or self.init_from, owner, "init_from_ema", True, "needs init_from")
         if isinstance(self.eval_depths, (list, str)):
             depths = self.eval_depths.split(",") if isinstance(self.eval_depths, str) else self.eval_depths
             try:
@@ -120,6 +133,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["eval_depths"] = list(self.eval_depths)
+        data["trainable"] = list(self.trainable)
         return data
 
     @classmethod

@@ -39,6 +39,7 @@ from loopformer.recurrence import sample_depth, sample_depths
 from loopformer.tasks.data import TaskData, prepare_task_data
 from loopformer.training.checkpoint import (
     TrainingState,
+    adds_halting_head,
     capture_rng,
     check_compatible,
     load_checkpoint,
@@ -139,10 +140,22 @@ class Trainer:
                 f"{self.out_dir} already holds a training run; pass --resume to continue it or choose another --out."
             )
         if self.config.init_from:
-            state = load_checkpoint(resolve_checkpoint(Path(self.config.init_from)), load_optimizer=False)
-            self._check_shape(state.config)
-            return state
+            return self._fine_tuning_source(Path(self.config.init_from))
         return None
+
+    def _fine_tuning_source(self, path: Path) -> TrainingState:
+        """The init_from checkpoint, its EMA weights in place of its raw ones with ``init_from_ema``. The requested
+        model may add a halting head (:func:`adds_halting_head`); everything else must have the saved shape."""
+        state = load_checkpoint(resolve_checkpoint(path), load_optimizer=False)
+        saved = state.config
+        if adds_halting_head(saved, self.model_config):
+            saved = saved.replace(halting="act", halting_input=self.model_config.halting_input)
+        self._check_shape(saved)
+        if self.config.init_from_ema:
+            if state.ema is None:
+                raise InputError(f"init_from_ema: {path} holds no EMA weights (its run had ema_decay 0).")
+            state.model = state.ema
+        return state
 
     def _check_shape(self, saved: ModelConfig) -> None:
         """The requested model must have the checkpoint's shape (its vocabulary comes from the tokenizer)."""
@@ -181,7 +194,8 @@ class Trainer:
         self.model_config = model_config
         self.model: LoopLM = build_model(model_config, seed=cfg.seed, device=self.dist.device)
         if source is not None:
-            self.model.load_state_dict(source.model)
+            self._load_weights(source)
+        self._freeze_all_but(cfg.trainable)
         self.wrapped = wrap_model(self.model, self.dist, cfg.strategy)  # before the optimizer: FSDP swaps params
         if cfg.compile:
             for layer in self.model.layers():
@@ -205,6 +219,31 @@ class Trainer:
             self.out_dir / "tensorboard" if cfg.tensorboard else None,
             enabled=self.dist.is_main,
         )
+
+    def _load_weights(self, source: TrainingState) -> None:
+        """The source's weights; only a fine-tune that adds a halting head may leave tensors (that head's) fresh."""
+        missing, unexpected = self.model.load_state_dict(source.model, strict=False)
+        fresh_ok = not self.resume and adds_halting_head(source.config, self.model_config)
+        if unexpected or any(not (fresh_ok and name.startswith("halting.")) for name in missing):
+            raise InputError(
+                f"The checkpoint's tensors do not fit the model: missing {missing}, unexpected {unexpected}."
+            )
+        if missing:
+            self._say(f"init_from: the halting head ({', '.join(missing)}) starts fresh")
+
+    def _freeze_all_but(self, prefixes: tuple[str, ...]) -> None:
+        """Train only the parameters whose names start with one of ``prefixes`` (all of them when empty)."""
+        if not prefixes:
+            return
+        names = [name for name, _ in self.model.named_parameters()]
+        for prefix in prefixes:
+            if not any(name.startswith(prefix) for name in names):
+                tops = sorted({name.split(".")[0] for name in names})
+                raise InputError(f"trainable prefix {prefix!r} names no parameter; the model has {', '.join(tops)}.")
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name.startswith(prefixes))
+        count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self._say(f"training {count:,} of {self.model.num_parameters():,} parameters ({', '.join(prefixes)})")
 
     def _load_training_state(self, state: TrainingState) -> None:
         if state.optimizer is not None:
@@ -323,7 +362,8 @@ class Trainer:
                     moe_loads.append(loads)
                 if out.halting is not None:
                     halting.append(out.halting.summary())
-                (out.loss / cfg.grad_accum).backward()
+                if out.loss.requires_grad:  # not when no trainable parameter reaches it (a lone head at depth 1)
+                    (out.loss / cfg.grad_accum).backward()
             loss_sum += out.loss.detach().double().cpu()
         if halting:
             self.halting_metrics = {key: sum(h[key] for h in halting) / len(halting) for key in halting[0]}
