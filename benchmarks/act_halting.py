@@ -5,15 +5,20 @@
     training (from the metrics log: no collapse to one loop), the distribution of halting iterations of a forward
     pass at the loop budget, and the validation loss scored by :meth:`Engine.score` with the ``act`` exit (halted
     tokens leave the batch) against the same model at every fixed loop count.
-(b) Vector parity. The demo recipe for ``--parity-task`` (``vector-parity`` by default: the dense layout with full
-    attention, which answers in one loop; ``vector-parity-sparse``: a window of 3 and a curriculum, so the loops
-    needed grow with the number of non-zero elements) with ``halting="act"`` trains ``--parity-steps`` steps
-    through the normal task path. Per difficulty (non-zero elements) ``--count`` examples are scored through the
-    engine with the ``act`` exit and with every zero-shot exit at its default threshold (all decode the model's ACT
-    mixture capped where they stop), under a budget of ``--budget`` loops; each is set against the same model at
-    fixed loops at equal average compute: round(mean loops per fed token), the real cost of a teacher-forced pass.
+(b) Vector parity. The demo recipe for ``--parity-task`` trains ``--parity-steps`` steps through the normal task
+    path. ``vector-parity`` (the default; the dense layout with full attention, which answers in one loop) trains
+    with ``halting="act"`` from the start. ``vector-parity-sparse`` (a window of 3 and a curriculum, so the loops
+    needed grow with the number of non-zero elements) trains without a head, or starts from ``--parity-init``;
+    then a halting head is fine-tuned onto its EMA weights for ``--head-steps`` with everything else frozen, once
+    per head input (``state``, ``state+change``). Per difficulty (non-zero elements) ``--count`` examples are
+    scored through the engine with the ``act`` exit and with every zero-shot exit at its default threshold (all
+    decode the model's ACT mixture capped where they stop), under a budget of ``--budget`` loops; each is set
+    against the same model at fixed loops at equal average compute: round(mean loops per fed token), the real cost
+    of a teacher-forced pass. ``benchmarks/halting_study.py --ckpt`` measures a head at the answer position.
 
     python benchmarks/act_halting.py --json benchmarks/results/act_halting.json
+    python benchmarks/act_halting.py --part parity --parity-task vector-parity-sparse --out runs/act-sparse-ft \
+        --json benchmarks/results/act_halting_sparse.json
 
 Timings depend on the machine and on what else runs on it; the loop counts and losses do not.
 """
@@ -34,6 +39,7 @@ from typing import Any
 import torch
 
 from loopformer.config import RecurrenceConfig
+from loopformer.errors import LoopformerError
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.exits import EXIT_CRITERIA, parse_exit_rule
 from loopformer.presets import get_preset
@@ -41,6 +47,7 @@ from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.evaluate import evaluate_task, evaluate_task_exits
 from loopformer.tasks.extrapolation import get_recipe
+from loopformer.training.checkpoint import resolve_checkpoint
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics
 from loopformer.training.tokenizer import TextTokenizer
@@ -336,8 +343,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     defaults = PARITY[args.parity_task]
-    if args.parity_init is not None and "head" not in defaults:
-        parser.error(f"--parity-init applies to a layout whose halting head is fine-tuned, not {args.parity_task}")
+    if args.parity_init is not None:
+        if "head" not in defaults:
+            parser.error(f"--parity-init applies to a layout whose halting head is fine-tuned, not {args.parity_task}")
+        try:
+            resolve_checkpoint(args.parity_init)
+        except LoopformerError as exc:
+            parser.error(str(exc))
     args.parity_steps = args.parity_steps or defaults["steps"]
     args.budget = args.budget or defaults["budget"]
     args.difficulties = args.difficulties or defaults["difficulties"]

@@ -8,8 +8,10 @@
 2. For every difficulty (number of non-zero elements) run ``--count`` fresh examples once to ``--max-loops``.
    After every iteration the answer position (the EOS marker; its logits predict the parity symbol) is decoded
    and fed to one :class:`~loopformer.inference.exits.ExitTracker` per criterion (the six zero-shot criteria at
-   their default thresholds, plus ``--exit`` rules). An example exits at the first iteration its rule fires
-   (``--max-loops`` if it never does) and is scored by the prediction at that iteration.
+   their default thresholds, plus ``--exit`` rules, plus ``act`` for a model with a learned halting head, such as
+   the heads ``benchmarks/act_halting.py`` fine-tunes). An example exits at the first iteration its rule fires
+   (``--max-loops`` if it never does) and is scored by the prediction at that iteration: what the model decodes
+   if it stops there (with a halting head, the ACT mixture capped at that iteration).
 3. Report per criterion and difficulty the mean loops used and the accuracy, next to fixed loop counts at the
    same average compute: round(mean loops over all difficulties) for the overall comparison, and
    round(mean loops of that difficulty) per difficulty. Decoding for the logit criteria is not counted.
@@ -78,23 +80,29 @@ def train(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
 
 def trace(model: torch.nn.Module, batch: Any, rules: list[ExitRule], args: argparse.Namespace) -> tuple:
-    """One pass to max_loops: correctness per iteration [loops, rows] and each rule's exit iteration [rows]."""
+    """One pass to max_loops: correctness per iteration [loops, rows] and each rule's exit iteration [rows].
+
+    Each iteration decodes what the model outputs if it stops there (with a halting head: the ACT mixture capped
+    at that iteration); the trackers read the answer position's latent state."""
     rows = torch.arange(batch.input_ids.shape[0])
     position = (batch.labels != IGNORE_INDEX).int().argmax(dim=1) - 1  # the EOS marker predicts the answer
     target = batch.labels[rows, position + 1]
     ctx = model.context(batch.input_ids)
-    trackers = [ExitTracker(rule) for rule in rules]
+    trackers = [ExitTracker(rule, halting=model.halting if rule.criterion == "act" else None) for rule in rules]
     correct = torch.zeros(args.max_loops, len(rows), dtype=torch.bool)
+    latest: list[torch.Tensor] = []
 
-    def visit(step: int, state: torch.Tensor) -> None:
-        answer_state = state[rows, position]
-        logits = model.decode(state, ctx)[rows, position].float()
+    def remember(step: int, state: torch.Tensor) -> None:
+        latest[:] = [state[rows, position]]
+
+    def visit(step: int, output: torch.Tensor) -> None:
+        logits = model.decode(output, ctx)[rows, position].float()
         correct[step - 1] = logits.argmax(dim=-1) == target
         for tracker in trackers:
-            tracker.update(step, answer_state, logits)
+            tracker.update(step, latest[0], logits)
 
     with torch.inference_mode():
-        model(batch.input_ids, num_steps=args.max_loops, seed=args.seed, on_state=visit)
+        model(batch.input_ids, num_steps=args.max_loops, seed=args.seed, on_state=remember, on_output=visit)
     return correct, [tracker.first_exit for tracker in trackers]  # every row exits by max_steps = max_loops
 
 
@@ -144,7 +152,7 @@ def tables(report: dict) -> str:
         ordered = [cells[c] for c in columns]
         loops_rows.append([label, *(c["mean_loops"] for c in ordered)])
         accuracy_rows.append([label, *(f"{c['accuracy']:.1f} / {c['fixed_accuracy']:.1f}" for c in ordered)])
-    parts += ["", "zero-shot exits: mean loops used", format_table(["criterion", *columns], loops_rows)]
+    parts += ["", "exits: mean loops used at the answer", format_table(["criterion", *columns], loops_rows)]
     parts += ["", "accuracy (%) at exit / fixed loops at round(mean loops used)"]
     parts.append(format_table(["criterion", *columns], accuracy_rows))
     return "\n".join(parts)
@@ -157,6 +165,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     difficulties = [int(d) for d in report["fixed_accuracy"]]
+    head = f" of a halting head fine-tuned onto\n{report['init_from']}" if report.get("init_from") else ""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for index, (label, cells) in enumerate(report["exits"].items()):
         colour, marker = f"C{index}", "osD^vP*X"[index % 8]
@@ -177,7 +186,7 @@ def plot(report: dict, path: Path) -> None:
     left.set_xlabel("difficulty: non-zero elements (of 32)")
     left.set_ylabel("mean loops used")
     left.set_ylim(0, min(max_loops, highest) * 1.25 + 1)
-    left.set_title("loops used by zero-shot exits")
+    left.set_title("loops used by each exit")
     right.set_xscale("log", base=2)
     ticks = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r <= max_loops]
     right.set_xticks(ticks, [str(r) for r in ticks])
@@ -192,7 +201,8 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"{report['settings']['task']}: {report['settings']['count']} examples per difficulty, trained on non-zero "
-        f"elements {report['train_difficulty']} ({report['step']} steps); exits may stop from iteration 2",
+        f"elements {report['train_difficulty']} ({report['step']} steps{head}); zero-shot exits may stop from "
+        "iteration 2",
         fontsize=11,
     )
     fig.tight_layout()
@@ -242,6 +252,8 @@ def main() -> None:
         if run is None:
             run, training = train(args)
         model, state, directory = load_trained_model(run, use_ema=True)
+        if model.halting is not None:  # its learned halting, next to the zero-shot criteria
+            rules.insert(0, parse_exit_rule("act", max_steps=args.max_loops))
         task = (state.meta.get("train_config") or {}).get("task")
         if task != args.task or not state.tokenizer_json:
             fail(f"{directory} is not a {args.task} run (its task is {task!r})")
@@ -250,6 +262,7 @@ def main() -> None:
         settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "ckpt", "out")}
         report.update(settings=settings, checkpoint=str(directory), training=training, step=state.step)
         report["train_difficulty"] = state.meta["train_config"].get("task_difficulty")
+        report["init_from"] = state.meta["train_config"].get("init_from")
         report["rules"] = [dataclasses.asdict(rule) for rule in rules]
         report["machine"] = {"platform": platform.platform(), "torch": torch.__version__}
         report["seconds"] = round(time.perf_counter() - started, 1)
