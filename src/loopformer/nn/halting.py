@@ -80,9 +80,8 @@ class HaltingHead(nn.Module):
         (None at the first iteration; ignored without ``use_change``)."""
         with torch.autocast(state.device.type, enabled=False):
             x = state.float()
-            logit = F.linear(F.rms_norm(x, (x.shape[-1],), eps=self.eps), self.weight.float(), self.bias.float())[
-                ..., 0
-            ]
+            normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+            logit = F.linear(normed, self.weight.float(), self.bias.float())[..., 0]
             if self.change_weight is not None and previous is not None:
                 norm = torch.linalg.vector_norm(x, dim=-1).clamp_min(self.eps)
                 change = torch.linalg.vector_norm(x - previous.float(), dim=-1) / norm
