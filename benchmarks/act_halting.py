@@ -343,9 +343,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     defaults = PARITY[args.parity_task]
+    for given, flag in ((args.parity_init, "--parity-init"), (args.head_steps, "--head-steps")):
+        if given is not None and "head" not in defaults:
+            parser.error(f"{flag} applies to a layout whose halting head is fine-tuned, not {args.parity_task}")
+    if args.head_steps is not None and args.head_steps < 1:
+        parser.error(f"--head-steps must be >= 1, got {args.head_steps}")
     if args.parity_init is not None:
-        if "head" not in defaults:
-            parser.error(f"--parity-init applies to a layout whose halting head is fine-tuned, not {args.parity_task}")
         try:
             resolve_checkpoint(args.parity_init)
         except LoopformerError as exc:
@@ -362,6 +365,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    try:
+        run(args)
+    except LoopformerError as exc:  # e.g. a --parity-init checkpoint of another model: one sentence, exit 2
+        print(f"act_halting.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     out = args.out or Path(tempfile.mkdtemp(prefix="loopformer-act-"))
     started = time.perf_counter()
