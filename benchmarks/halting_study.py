@@ -252,8 +252,9 @@ def main() -> None:
         if run is None:
             run, training = train(args)
         model, state, directory = load_trained_model(run, use_ema=True)
-        if model.halting is not None:  # its learned halting, next to the zero-shot criteria
-            rules.insert(0, parse_exit_rule("act", max_steps=args.max_loops))
+        act = parse_exit_rule("act", max_steps=args.max_loops)
+        if model.halting is not None and act.label not in {r.label for r in rules}:  # next to the zero-shot ones
+            rules.insert(0, act)
         task = (state.meta.get("train_config") or {}).get("task")
         if task != args.task or not state.tokenizer_json:
             fail(f"{directory} is not a {args.task} run (its task is {task!r})")
