@@ -8,7 +8,8 @@ experts); those three are intercepted:
 * ``F.linear`` on CPU runs PyTorch's weight-only kernels on the integer weights (``_weight_int8pack_mm``,
   ``_weight_int4pack_mm_for_cpu``). Their fast path takes bf16 activations, so the input is rounded to bf16,
   multiplied with the int weights (fp32 accumulation) and the bf16 result is cast back to the input's dtype. On
-  other devices the weight is dequantized for the product (``F.linear(x, dequantize())``, on the fly).
+  other devices, and on a CPU whose kernel variant is not known to be safe (:data:`KERNEL_CAPABILITIES`), the
+  weight is dequantized for the product (``F.linear(x, dequantize())``, on the fly).
 * ``F.embedding`` dequantizes only the looked-up rows.
 * indexing a stack of experts with an int returns that expert's quantized weight (prepared once).
 
@@ -28,8 +29,24 @@ from torch.utils._pytree import tree_map
 from loopformer.quant.scheme import QuantData, unpack_int4
 
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernels' fast path
-INT4_N_MULTIPLE = 16  # the CPU int4 kernel wants the output features in multiples of 16
-INT8_K_MULTIPLE = 8  # the CPU int8 kernel reads the input features in blocks of 8 (others crash or go wrong)
+
+# What the CPU kernels accept, read from their source (aten/src/ATen/native/cpu/int8mm_kernel.cpp and
+# int4mm_kernel.cpp) and checked shape by shape in a child process by tests/quant/test_kernel_shapes.py:
+# * int8 (``_weight_int8pack_mm``) walks K in vector blocks with no tail (8 columns on AVX2 and NEON, 16 on
+#   AVX-512) and reads them with *aligned* loads: every bf16 activation row must start on a 16-byte (AVX2) or
+#   32-byte (AVX-512) boundary and every int8 weight row on a 16-byte one (AVX-512). Any other K, or an operand that
+#   is not aligned, reads past the row or faults: a segmentation fault on AVX-512 for K = 8, 24, 33 (and on AVX2
+#   for K = 2, 4, 12). Hence K is padded with zero columns to a multiple of 16 (a bf16 row then spans a multiple
+#   of 32 bytes, an int8 row of 16) and both operands start on a 64-byte boundary, as torch's CPU allocator
+#   places every new tensor (a view that does not is copied).
+# * int4 (``_weight_int4pack_mm_for_cpu``) blocks N by 64 (AVX-512) or 32 (AVX2 and others) and takes tail blocks
+#   of 16, 32 or 48 only; it reads K one column at a time with unaligned loads. Hence N is padded to a multiple of
+#   16 (zero rows whose outputs are cut off); K is already a whole number of groups (see quant.scheme).
+# Other CPU capabilities (a kernel variant not read) take the dequantized product instead.
+INT8_K_MULTIPLE = 16
+INT4_N_MULTIPLE = 16
+KERNEL_ALIGNMENT = 64  # bytes
+KERNEL_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 
 
 class QuantizedWeight(torch.Tensor):
@@ -46,7 +63,7 @@ class QuantizedWeight(torch.Tensor):
     def __init__(self, data: QuantData, dtype: torch.dtype = torch.float32) -> None:
         self.data_ = data
         self._kernel: tuple[torch.Tensor, torch.Tensor, int] | None = (
-            _prepare_kernel(data) if data.device.type == "cpu" else None
+            _prepare_kernel(data) if data.device.type == "cpu" and kernel_supported() else None
         )
         self._experts = (
             [QuantizedWeight(data.select(i), dtype) for i in range(data.shape[0])] if len(data.shape) == 3 else None
@@ -68,10 +85,11 @@ class QuantizedWeight(torch.Tensor):
         flat = x.reshape(-1, k).to(KERNEL_DTYPE)
         if padded_k != k:
             flat = F.pad(flat, (0, padded_k - k))
+        flat = _kernel_operand(flat)
         if self.data_.bits == 8:
-            out = torch._weight_int8pack_mm(flat.contiguous(), operand, extra)
+            out = torch._weight_int8pack_mm(flat, operand, extra)
         else:
-            out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), operand, self.data_.group_size, extra)[:, :n]
+            out = torch._weight_int4pack_mm_for_cpu(flat, operand, self.data_.group_size, extra)[:, :n]
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
     @classmethod
@@ -133,9 +151,10 @@ def _prepare_kernel(data: QuantData) -> tuple[torch.Tensor, torch.Tensor, int] |
     if len(data.shape) != 2:
         return None
     n, k = data.shape
-    if data.bits == 8:  # the int8 kernel reads K in multiples of 8: zero columns meet zero-padded inputs
+    if data.bits == 8:  # zero weight columns meet zero-padded inputs
         padded_k = math.ceil(k / INT8_K_MULTIPLE) * INT8_K_MULTIPLE
-        return F.pad(data.qweight, (0, padded_k - k)).contiguous(), data.scale.to(KERNEL_DTYPE), padded_k
+        weight = _kernel_operand(F.pad(data.qweight, (0, padded_k - k)))
+        return weight, data.scale.to(KERNEL_DTYPE).contiguous(), padded_k
     rows = math.ceil(n / INT4_N_MULTIPLE) * INT4_N_MULTIPLE
     q = unpack_int4(data.qweight).to(torch.int32)
     scales_zeros = torch.stack((data.scale, data.zero), dim=-1).transpose(0, 1)  # [groups, N, 2]
@@ -144,3 +163,21 @@ def _prepare_kernel(data: QuantData) -> tuple[torch.Tensor, torch.Tensor, int] |
         scales_zeros = F.pad(scales_zeros, (0, 0, 0, rows - n))
     packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
     return packed, scales_zeros.to(KERNEL_DTYPE).contiguous(), q.shape[1]
+
+
+def kernel_supported() -> bool:
+    """Whether this CPU's kernel variant is one whose shape and alignment rules are known (see the constants)."""
+    return torch.backends.cpu.get_cpu_capability() in KERNEL_CAPABILITIES
+
+
+def _kernel_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a :data:`KERNEL_ALIGNMENT` boundary (a fresh copy where it is not).
+
+    While compiling, the pointer is not known; the operands there are the cast / pad results above, which Inductor
+    allocates as new (aligned) buffers, or whole rows of a contiguous input (aligned once K is padded).
+    """
+    if not t.is_contiguous():
+        return t.contiguous()
+    if torch.compiler.is_compiling() or t.data_ptr() % KERNEL_ALIGNMENT == 0:
+        return t
+    return t.clone()
