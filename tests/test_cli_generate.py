@@ -96,6 +96,7 @@ def test_generate_json_record(capsys, ckpt: str) -> None:
     if output["tokens"]:
         assert record["mean_loops_per_token"] == pytest.approx(2.0)
     assert record["cache_bytes"] > 0 and record["seconds"] > 0
+    assert record["dtype"] == "fp32" and record["dtype_reason"]  # the suite pins auto to fp32 (conftest)
 
 
 def test_generate_json_default_loops_are_the_models_mean(capsys, ckpt: str) -> None:

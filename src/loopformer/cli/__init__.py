@@ -17,6 +17,7 @@ from loopformer.cli import (
     chat,
     convert,
     demo,
+    doctor,
     eval_lm,
     eval_ppl,
     eval_task,
@@ -31,6 +32,7 @@ from loopformer.errors import LoopformerError
 
 COMMANDS = (
     presets, demo, train, eval_ppl, eval_task, eval_lm, generate, chat, serve, kv_size, analyze, convert, quantize,
+    doctor,
 )  # fmt: skip
 
 

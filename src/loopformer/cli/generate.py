@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
             "mean_loops_per_token": result.mean_steps,
             "cache_bytes": result.cache_bytes,
             "acceptance_rate": result.acceptance_rate,
+            "dtype": engine.dtype_choice.name,
+            "dtype_reason": engine.dtype_choice.reason,
             "outputs": [
                 {"prompt": text, "text": o.text, "tokens": o.tokens, "steps": o.steps, "finish_reason": o.finish_reason}
                 for text, o in zip(args.prompt, result.outputs, strict=True)

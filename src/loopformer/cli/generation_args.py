@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from loopformer.errors import InputError
+from loopformer.hardware import DTYPES
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.exits import ExitRule, parse_exit_rule
 from loopformer.inference.memory_file import load_memory_file
@@ -17,9 +18,21 @@ from loopformer.training.checkpoint import load_trained_model
 from loopformer.training.tokenizer import TextTokenizer
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ckpt``, ``--ema`` and ``--dtype``: what :func:`load_engine` reads."""
     parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype: auto = bf16 autocast where this machine runs it faster (AMX / AVX512-BF16 CPUs, "
+        "CUDA), else fp32 (default: auto; `loopformer doctor` shows the choice)",
+    )
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
     depth = parser.add_argument_group("depth")
     depth.add_argument("--loops", type=int, help="core iterations per token (the ceiling with --exit; default: mean)")
     add_exit_arguments(depth)
@@ -116,4 +129,5 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, Path]:
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     if state.tokenizer_json is None:
         raise InputError(f"{path} has no tokenizer.json; generation needs the checkpoint's tokenizer.")
-    return Engine(model, TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)), path
+    tokenizer = TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)
+    return Engine(model, tokenizer, dtype=args.dtype), path

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from loopformer.cli.generation_args import add_checkpoint_arguments
 from loopformer.errors import InputError
 
 API_KEY_VARIABLE = "LOOPFORMER_API_KEY"
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"serving {path} as {settings.model_name!r} on http://{args.host}:{args.port}/v1 "
         f"(max batch {settings.max_batch}, continuous batching {'on' if settings.continuous_batching else 'off'}, "
-        f"API key {'required' if settings.api_key else 'off'})",
+        f"API key {'required' if settings.api_key else 'off'}, {engine.dtype_choice.name}: "
+        f"{engine.dtype_choice.reason})",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -62,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with per-request depth")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
-    parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the model id clients send (default: the --ckpt directory's name)")

@@ -22,7 +22,6 @@ or ACT halting head) and that read no memory vectors. :func:`compile_blocker` na
 from __future__ import annotations
 
 import functools
-import shutil
 import types
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,6 +29,7 @@ from dataclasses import replace
 import torch
 
 from loopformer.errors import InputError
+from loopformer.hardware import has_cxx_compiler
 from loopformer.inference.cache import KVCache, KVPass, SlotPolicy
 from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
@@ -60,11 +60,6 @@ def compile_blocker(model: LoopLM) -> str | None:
     if not has_cxx_compiler():
         return "compiled decoding needs a C++ compiler (g++ or clang++) on the PATH; none was found."
     return None
-
-
-def has_cxx_compiler() -> bool:
-    """Whether a C++ compiler is on the PATH (Inductor builds its CPU kernels with one)."""
-    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
 
 
 class TracedExchange:

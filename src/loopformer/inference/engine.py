@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from loopformer.errors import InputError
+from loopformer.hardware import resolve_dtype
 from loopformer.inference.cache import KVCache, SlotPolicy, parse_slot_policy
 from loopformer.inference.compiled import CompiledDecoder, compile_blocker, reads_full_depth
 from loopformer.inference.exits import ExitRule, ExitTracker, check_halting, parse_exit_rule
@@ -34,6 +35,9 @@ from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
 from loopformer.nn.memory import Memory, as_memory
 from loopformer.training.tokenizer import TextTokenizer
+
+# rows of the product that decides whether ``auto`` takes bf16 autocast: decoding feeds a few tokens per pass
+DTYPE_PROBE_ROWS = 8
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -331,11 +335,15 @@ class GenerationStream:
 class Engine:
     """Batched generation, streaming and scoring for a :class:`LoopLM` (optionally with its tokenizer)."""
 
-    def __init__(self, model: LoopLM, tokenizer: TextTokenizer | None = None) -> None:
+    def __init__(self, model: LoopLM, tokenizer: TextTokenizer | None = None, dtype: str = "auto") -> None:
+        """``dtype``: ``auto`` (bf16 autocast where this machine runs it faster, see :mod:`loopformer.hardware`),
+        ``fp32`` or ``bf16``; :attr:`dtype_choice` says what it resolved to and why."""
         if not isinstance(model, LoopLM):
             raise InputError("Engine needs a LoopLM.")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        cfg = model.config
+        self.dtype_choice = resolve_dtype(dtype, self.device, (DTYPE_PROBE_ROWS, cfg.dim, cfg.mlp_hidden))
         self._noise: dict[int, torch.Tensor] = {}
         self._compiled: CompiledDecoder | None = None
 
@@ -390,7 +398,25 @@ class Engine:
         ``memory``: the memory vectors of these rows (memory-pathway models). ``budget``: per-row loop counts [b]
         (each <= ``loops``; T = 1 only): a row leaves the pass after its own count, the way an exit leaves it, so
         rows at different depths share one pass (continuous batching). With ``config.compile``, single-token passes at
-        a fixed depth run as one compiled graph (:class:`~loopformer.inference.compiled.CompiledDecoder`)."""
+        a fixed depth run as one compiled graph (:class:`~loopformer.inference.compiled.CompiledDecoder`). The pass
+        runs in the engine's :attr:`dtype_choice`."""
+        with self.dtype_choice.autocast(self.device):
+            return self._run_pass(cache, rows, ids, positions, real, loops, rule, start, config, memory, budget)
+
+    def _run_pass(
+        self,
+        cache: KVCache,
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        real: torch.Tensor | None,
+        loops: int,
+        rule: ExitRule | None,
+        start: torch.Tensor | None,
+        config: GenerationConfig,
+        memory: Memory | None,
+        budget: torch.Tensor | None,
+    ) -> PassResult:
         model = self.model
         kv = cache.begin(rows, positions, real)
         state = self.initial_state(positions, config.state_seed) if start is None else start

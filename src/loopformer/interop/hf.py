@@ -170,7 +170,7 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
         weight = self.model.tok_emb.weight
         if self._engine is None or self._engine[1:] != (weight.device, weight.dtype):
             training = self.model.training
-            self._engine = (Engine(self.model), weight.device, weight.dtype)
+            self._engine = (Engine(self.model, dtype="fp32"), weight.device, weight.dtype)  # no autocast: as stored
             self.model.train(training)  # Engine() switches to eval mode; the caller's mode stays
         return self._engine[0]
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from loopformer.config import _check, _check_choice, _check_types, check_known_fields
+from loopformer.hardware import DTYPES
 
 SCHEDULES = ("constant", "cosine", "wsd")
-DTYPES = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -45,7 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     decay_embeddings: bool = False
     grad_clip: float = 1.0
-    dtype: str = "fp32"
+    dtype: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
     ema_decay: float = 0.0

@@ -33,6 +33,7 @@ from loopformer.config import ModelConfig
 from loopformer.errors import InputError, TrainingError
 from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
 from loopformer.flops import training_flops_per_token
+from loopformer.hardware import resolve_dtype
 from loopformer.model import LoopLM, build_model
 from loopformer.nn.halting import penalty_scale
 from loopformer.recurrence import sample_depth, sample_depths
@@ -213,7 +214,9 @@ class Trainer:
         if self.resume and source is not None:
             self._load_training_state(source)
         self.val_batches = self.data.eval_batches(cfg.batch_size, cfg.eval_batches)
-        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        probe = (cfg.batch_size * cfg.seq_len, model_config.dim, model_config.mlp_hidden)
+        self.dtype_choice = resolve_dtype(cfg.dtype, self.dist.device, probe)
+        self.autocast_dtype = self.dtype_choice.autocast_dtype
         self.logger = MetricsLogger(
             self.out_dir / "metrics.jsonl",
             self.out_dir / "tensorboard" if cfg.tensorboard else None,
@@ -344,7 +347,7 @@ class Trainer:
                 steps = depth[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
             generator = torch.Generator(device=device).manual_seed(micro_seed(cfg.seed, self.step, micro))
             last = micro % cfg.grad_accum == cfg.grad_accum - 1
-            autocast = torch.autocast(device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None)
+            autocast = self.dtype_choice.autocast(device)
             with self._gradient_sync(last):
                 with autocast:
                     out = self.wrapped(
@@ -460,9 +463,18 @@ class Trainer:
         self._say(
             f"{n_params:,} parameters, vocab {self.model_config.vocab_size}, "
             f"{self.data.summary}, {self.dist.world_size} process(es), "
-            f"matmul peak {peak / 1e9:.0f} GFLOP/s; {'resuming at' if self.step else 'starting at'} step {self.step}"
+            f"{self.dtype_choice.name} ({self.dtype_choice.reason}), matmul peak {peak / 1e9:.0f} GFLOP/s; "
+            f"{'resuming at' if self.step else 'starting at'} step {self.step}"
         )
-        self.logger.log("start", self.step, parameters=n_params, peak_flops=peak, **self.data.stats)
+        self.logger.log(
+            "start",
+            self.step,
+            parameters=n_params,
+            peak_flops=peak,
+            dtype=self.dtype_choice.name,
+            dtype_reason=self.dtype_choice.reason,
+            **self.data.stats,
+        )
         enabled = self.progress_enabled if self.dist.is_main else False
         self.progress = ProgressBar(cfg.steps, initial=self.step, stream=self.stream, enabled=enabled)
         result = TrainResult(step=self.step, reason="completed", checkpoint=None)
