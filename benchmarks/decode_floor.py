@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from loopformer.config import ModelConfig
+from loopformer.hardware import cpu_info
 from loopformer.inference.cache import KVCache
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.model import LoopLM, build_model
@@ -156,6 +157,7 @@ def main() -> None:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_info().to_dict(),
         "threads": torch.get_num_threads(),
         "parameters": model.num_parameters(),
         "loops": args.loops,

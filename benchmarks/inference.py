@@ -49,6 +49,7 @@ import torch
 
 import loopformer
 from loopformer.errors import LoopformerError
+from loopformer.hardware import cpu_info
 from loopformer.inference.cache import cache_bytes
 from loopformer.inference.engine import Engine, GenerationConfig, GenerationResult, perplexity
 from loopformer.inference.exits import EXIT_CRITERIA, ExitRule, parse_exit_rule
@@ -59,6 +60,7 @@ from loopformer.tasks.data import parse_difficulty_range
 from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder
 from loopformer.training.checkpoint import TrainingState, load_trained_model
 from loopformer.training.data import load_documents, split_documents, tokenize_documents
+from loopformer.training.metrics import measure_matmul_peak
 from loopformer.training.pipeline import cache_dir
 from loopformer.training.tokenizer import TextTokenizer
 
@@ -559,14 +561,21 @@ def show(report: dict[str, Any]) -> None:
 
 
 def machine(threads: int) -> dict[str, Any]:
+    """What decode numbers depend on: versions, the CPU (model, bf16-relevant flags, torch's kernel capability),
+    cores, threads, load, and the fp32 and bf16 matmul peaks measured now (about 1 s each; bf16 is bounded on CPUs
+    that emulate it)."""
     info: dict[str, Any] = {
         "torch": torch.__version__,
         "loopformer": loopformer.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_info().to_dict(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
+        "matmul_peak_gflops": {
+            name: round(measure_matmul_peak(dtype) / 1e9, 1)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        },
     }
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]

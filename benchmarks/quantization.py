@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,8 +39,7 @@ from typing import Any
 
 import torch
 
-import loopformer
-from inference import held_out_stream, progress, rounded, run_report, take
+from inference import held_out_stream, machine, progress, rounded, run_report, take
 from loopformer.errors import LoopformerError
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.inference.engine import Engine, GenerationConfig
@@ -268,14 +266,7 @@ def measure(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "command": " ".join(["benchmarks/quantization.py", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
-        "machine": {
-            "torch": torch.__version__,
-            "loopformer": loopformer.__version__,
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(torch.get_num_threads()),
         "sizes": asdict(sizes),
         "schemes": {label: None if s is None else s.to_dict() for label, s in SCHEMES.items()},
     }

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ import torch
 import loopformer
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.flops import training_flops_per_token
+from loopformer.hardware import cpu_info, resolve_dtype
 from loopformer.model import build_model
 from loopformer.presets import get_preset
 
@@ -74,9 +75,6 @@ MATMUL_WARMUP_S = 0.25
 
 # CPU times come in clock ticks (usually 10 ms): shorter blocks are not metered.
 MIN_METERED_WALL_S = 0.5
-
-# CPU features that decide whether bf16 matmuls have hardware support.
-_REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 # ----- cases -----------------------------------------------------------------------------------------------------
@@ -117,6 +115,7 @@ def all_cases() -> dict[str, Case]:
     cases = [
         Case("anima-micro-fp32", "anima-micro preset", micro, "fp32"),
         Case("anima-micro-bf16", "anima-micro preset, bf16 autocast", micro, "bf16"),
+        Case("anima-micro-auto", "anima-micro preset, dtype auto (what training uses by default)", micro, "auto"),
         Case(
             "huginn-ref-fp32",
             "Huginn reference shape (h=256, 1/2/1, vocab 4096, MLP 688)",
@@ -284,6 +283,7 @@ class CaseResult:
     batch: int
     seq_len: int
     config: dict[str, Any] = field(default_factory=dict)
+    dtype_reason: str | None = None  # why ``dtype: auto`` resolved as it did (auto cases)
     warmup_steps: int = 0
     timed_steps: int = 0
     first_step_s: float | None = None
@@ -367,7 +367,16 @@ def run_case(
     compile_model: bool,
     peaks: dict[str, MatmulPeak],
 ) -> CaseResult:
-    """Build the case's model (seed 0), time its training steps and derive throughput, FLOP/s and MFU."""
+    """Build the case's model (seed 0), time its training steps and derive throughput, FLOP/s and MFU.
+
+    A case at ``auto`` first resolves it as the trainer does (:func:`loopformer.hardware.resolve_dtype`, probed at the
+    case's batch and widths), then runs as the dtype it picked."""
+    reason = None
+    if case.dtype == "auto":
+        probe = (case.batch * case.seq_len, case.config.dim, case.config.mlp_hidden)
+        choice = resolve_dtype("auto", device, probe)
+        case, reason = replace(case, dtype=choice.name), choice.reason
+        print(f"[{case.name}] dtype auto -> {choice.name}: {reason}", file=sys.stderr)
     config = case.config
     model = build_model(config, seed=0, device=device).train()
     result = CaseResult(
@@ -382,6 +391,7 @@ def run_case(
         seq_len=case.seq_len,
         config=config.to_dict(),
         reference_tokens_per_s=case.reference_tokens_per_s,
+        dtype_reason=reason,
     )
     try:
         measured = time_training(
@@ -423,24 +433,6 @@ def run_case(
 
 
 # ----- machine info and report -----------------------------------------------------------------------------------
-def cpu_info() -> dict[str, Any]:
-    """CPU model name and the bf16-relevant feature flags (from the first processor in /proc/cpuinfo)."""
-    fields: dict[str, str] = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    flags = set(fields.get("flags", "").split())
-    return {
-        "model": fields.get("model name") or platform.processor() or platform.machine(),
-        "flags": [f for f in _REPORTED_CPU_FLAGS if f in flags],
-        "torch_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-
-
 def git_revision() -> str | None:
     """``git describe --always --dirty`` of the checkout this script lives in, or None outside git."""
     try:
@@ -470,7 +462,7 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
     """What the numbers depend on: CPU (or GPU), core and thread counts, torch/Python versions, load."""
     info: dict[str, Any] = {
         "device": str(device),
-        "cpu": cpu_info(),
+        "cpu": cpu_info().to_dict(),
         "logical_cores": os.cpu_count(),
         "torch_threads": threads,
         "torch": torch.__version__,
