@@ -401,45 +401,31 @@ class Engine:
         a fixed depth run as one compiled graph (:class:`~loopformer.inference.compiled.CompiledDecoder`). The pass
         runs in the engine's :attr:`dtype_choice`."""
         with self.dtype_choice.autocast(self.device):
-            return self._run_pass(cache, rows, ids, positions, real, loops, rule, start, config, memory, budget)
-
-    def _run_pass(
-        self,
-        cache: KVCache,
-        rows: torch.Tensor,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        real: torch.Tensor | None,
-        loops: int,
-        rule: ExitRule | None,
-        start: torch.Tensor | None,
-        config: GenerationConfig,
-        memory: Memory | None,
-        budget: torch.Tensor | None,
-    ) -> PassResult:
-        model = self.model
-        kv = cache.begin(rows, positions, real)
-        state = self.initial_state(positions, config.state_seed) if start is None else start
-        fixed_depth = rule is None and budget is None and memory is None
-        if config.compile and fixed_depth and ids.shape[1] == 1 and reads_full_depth(kv, loops):
-            logits, state = self.compiled().run(kv, ids, state, loops)
-            return self._result(logits, state, torch.full(ids.shape, loops, dtype=torch.long, device=ids.device))
-        ctx = AttentionContext.for_positions(model.config, positions, kv.mask, kv)
-        e = model.embed(ids, ctx, memory)
-        if rule is None and budget is None:
-            act = model.act(loops)
-            state, _ = model.recur(state, e, ctx, loops, on_state=act)
-            if act is not None:  # an ACT model decodes its halting mixture, capped at the loop budget
-                state = act.latest
-            steps = torch.full(ids.shape, loops, dtype=torch.long, device=ids.device)
-        else:
-            if ids.shape[1] != 1:
-                raise InputError("early exit runs on single-token passes (decoding); prefill uses a fixed depth.")
-            if rule is None and model.halting is not None:
-                raise InputError("per-row loop counts on an ACT model need an exit rule (fixed depths mix halting).")
-            state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction, budget)
-            kv.freeze(None)  # the final decode writes the coda entries of every row
-        return self._result(model.decode(state, ctx), state, steps)
+            model = self.model
+            kv = cache.begin(rows, positions, real)
+            state = self.initial_state(positions, config.state_seed) if start is None else start
+            fixed_depth = rule is None and budget is None and memory is None
+            if config.compile and fixed_depth and ids.shape[1] == 1 and reads_full_depth(kv, loops):
+                logits, state = self.compiled().run(kv, ids, state, loops)
+                return self._result(logits, state, torch.full(ids.shape, loops, dtype=torch.long, device=ids.device))
+            ctx = AttentionContext.for_positions(model.config, positions, kv.mask, kv)
+            e = model.embed(ids, ctx, memory)
+            if rule is None and budget is None:
+                act = model.act(loops)
+                state, _ = model.recur(state, e, ctx, loops, on_state=act)
+                if act is not None:  # an ACT model decodes its halting mixture, capped at the loop budget
+                    state = act.latest
+                steps = torch.full(ids.shape, loops, dtype=torch.long, device=ids.device)
+            else:
+                if ids.shape[1] != 1:
+                    raise InputError("early exit runs on single-token passes (decoding); prefill uses a fixed depth.")
+                if rule is None and model.halting is not None:
+                    raise InputError(
+                        "per-row loop counts on an ACT model need an exit rule (fixed depths mix halting)."
+                    )
+                state, steps = self._recur_with_exit(state, e, ctx, loops, rule, config.compaction, budget)
+                kv.freeze(None)  # the final decode writes the coda entries of every row
+            return self._result(model.decode(state, ctx), state, steps)
 
     def _result(self, logits: torch.Tensor, state: torch.Tensor, steps: torch.Tensor) -> PassResult:
         if self.tokenizer is not None and self.tokenizer.vocab_size < logits.shape[-1]:
