@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -329,3 +330,23 @@ def test_attention_mask_separates_packed_documents() -> None:
     assert not torch.allclose(unmasked[:, 4:], out[:, 4:], atol=1e-4)
     with pytest.raises(InputError, match="attention_mask"):
         model(packed, num_steps=1, attention_mask=mask.float())
+
+
+@pytest.mark.parametrize(
+    ("ids", "needle"),
+    [
+        (torch.tensor([[1, 2, 64]]), "token id 64 at position 2 of row 0 is outside the vocabulary 0..63"),
+        (torch.tensor([[1, -1, 3], [1, 2, 3]]), "token id -1 at position 1 of row 0"),
+        (torch.tensor([[1.0, 2.0]]), "integer tensor, got torch.float32"),
+        (torch.tensor([[True, False]]), "integer tensor"),
+    ],
+)
+def test_bad_token_ids_get_one_sentence(ids: torch.Tensor, needle: str) -> None:
+    from loopformer.inference.engine import Engine
+
+    model = build_model(small_config(), seed=0).eval()
+    with pytest.raises(InputError, match=re.escape(needle)):
+        model(ids, num_steps=1)
+    if ids.shape[1] >= 2:
+        with pytest.raises(InputError, match=re.escape(needle)):
+            Engine(model).score(ids)

@@ -56,6 +56,20 @@ class LoopOutput:
     halting: HaltingStats | None = None
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """One sentence for ``ids`` that are not integer ids of a ``vocab_size`` vocabulary, naming the first offender
+    (skipped while compiling: the check reads values)."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(f"token ids must be an integer tensor, got {ids.dtype}.")
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        place = f"position {where[-1]}" + (f" of row {where[0]}" if len(where) > 1 else "")
+        raise InputError(f"token id {int(ids[tuple(where)])} at {place} is outside the vocabulary 0..{vocab_size - 1}.")
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy in fp32; ``labels`` aligned with the inputs (shifted here).
 
@@ -304,6 +318,7 @@ class LoopLM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}.")
+        check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.shape[1] > self.config.max_seq_len:
             raise InputError(f"Sequence length {input_ids.shape[1]} exceeds max_seq_len ({self.config.max_seq_len}).")
         steps, backprop_depth = self._resolve_depth(num_steps, backprop_depth, input_ids.shape[0], depth_generator)

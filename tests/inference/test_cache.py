@@ -42,6 +42,8 @@ def test_parse_slot_policy(text: str, expected: SlotPolicy) -> None:
         ("ring:x", "integer ring size"),
         ("ring:", "integer ring size"),
         ("ring:2.5", "integer ring size"),
+        ("ring:99999999999999999999", "above 1,000,000"),
+        ("ring:1000001", "above 1,000,000"),
         ("foo", "unknown KV slot policy 'foo'"),
         ("last:2", "unknown KV slot policy 'last:2'"),
         ("full:3", "unknown KV slot policy 'full:3'"),
@@ -68,7 +70,8 @@ def test_slot_policy_validation(kwargs: dict) -> None:
         ("full", 7, [0, 1, 2, 3, 4, 5, 6]),
         ("ring:3", 3, [0, 1, 2, 0, 1, 2, 0]),
         ("ring:1", 1, [0] * 7),
-        ("ring:8", 8, [0, 1, 2, 3, 4, 5, 6]),
+        ("ring:8", 7, [0, 1, 2, 3, 4, 5, 6]),  # a ring larger than the depth is the full cache
+        ("ring:1000000", 7, [0, 1, 2, 3, 4, 5, 6]),
         ("last", 1, [0] * 7),
     ],
 )
@@ -79,6 +82,13 @@ def test_slot_mapping(text: str, slots: int, expected: list[int]) -> None:
     iterations = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 6]])
     assert policy.slot_of(iterations).tolist() == [[expected[i] for i in row] for row in iterations.tolist()]
     assert all(0 <= s < slots for s in expected)
+
+
+def test_a_ring_larger_than_the_depth_allocates_no_more_than_the_full_cache() -> None:
+    config = small_config()
+    full = KVCache(config, 1, 4, "full", max_steps=4)
+    assert KVCache(config, 1, 4, "ring:1000000", max_steps=4).nbytes() == full.nbytes()
+    assert cache_bytes(config, "ring:1000", 4, 4) == cache_bytes(config, "full", 4, 4)
 
 
 @pytest.mark.parametrize("text", ["full", "ring:4", "ring:2", "last"])

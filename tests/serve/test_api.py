@@ -171,6 +171,8 @@ def error_of(response: httpx.Response) -> dict:
         ({"model": MODEL, "prompt": "x", "reasoning_effort": "extreme"}, 400, "low (1 loops)"),
         ({"model": MODEL, "prompt": "x", "exit": "magic:1"}, 400, "unknown exit criterion"),
         ({"model": MODEL, "prompt": "x", "kv": "ring:x"}, 400, "ring size"),
+        ({"model": MODEL, "prompt": "x", "kv": "ring:1000"}, 400, "--max-loops 8"),
+        ({"model": MODEL, "prompt": "x", "kv": "ring:99999999999999999999"}, 400, "above 1,000,000"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
         ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
         ({"model": MODEL, "prompt": "x", "memory": [[1.0, 2.0]]}, 400, "6 numbers"),

@@ -35,6 +35,11 @@ POLICY_FORMS = "'full', 'last' or 'ring:K' with K >= 1"
 _UNBOUNDED = torch.iinfo(torch.long).max // 2  # the depth of a column written in the current pass
 
 
+# ring sizes beyond this are refused rather than carried into tensor arithmetic (a ring of at least the loop count
+# is the full cache anyway)
+MAX_RING_SIZE = 1_000_000
+
+
 @dataclass(frozen=True)
 class SlotPolicy:
     """Which physical slot a core iteration's keys and values live in (see the module docstring)."""
@@ -47,6 +52,11 @@ class SlotPolicy:
             raise InputError(f"unknown KV slot policy {self.kind!r}; use {POLICY_FORMS}.")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise InputError(f"the ring size of a KV slot policy must be an integer >= 1, got {self.size!r}.")
+        if self.size > MAX_RING_SIZE:
+            raise InputError(
+                f"the ring size {self.size} is above {MAX_RING_SIZE:,}; a ring at least as large as the loop count "
+                "is the full cache, so use full."
+            )
 
     @property
     def label(self) -> str:
@@ -54,10 +64,11 @@ class SlotPolicy:
         return f"ring:{self.size}" if self.kind == "ring" else self.kind
 
     def slots(self, max_steps: int) -> int:
-        """Physical slots per core layer when at most ``max_steps`` iterations run."""
+        """Physical slots per core layer when at most ``max_steps`` iterations run (a ring larger than that holds
+        no more than the full cache: its extra slots would never be written)."""
         if self.kind == "full":
             return max_steps
-        return self.size if self.kind == "ring" else 1
+        return min(self.size, max_steps) if self.kind == "ring" else 1
 
     def slot(self, iteration: int) -> int:
         """The slot of 0-based iteration ``iteration``."""
@@ -80,6 +91,8 @@ def parse_slot_policy(text: str | SlotPolicy) -> SlotPolicy:
     if name == "ring" and sep:
         if not number.strip().isdigit():
             raise InputError(f"KV slot policy {text!r} needs an integer ring size, e.g. ring:4.")
+        if int(number) > MAX_RING_SIZE:
+            raise InputError(f"KV slot policy {text!r} asks for a ring above {MAX_RING_SIZE:,} slots; use full.")
         return SlotPolicy("ring", int(number))
     if name in ("full", "last") and not sep:
         return SlotPolicy(name)

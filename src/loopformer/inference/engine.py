@@ -31,7 +31,7 @@ from loopformer.inference.compiled import CompiledDecoder, compile_blocker, read
 from loopformer.inference.exits import ExitRule, ExitTracker, check_halting, parse_exit_rule
 from loopformer.inference.sampling import SamplingConfig, choose_tokens
 from loopformer.inference.text import TextStream
-from loopformer.model import LoopLM
+from loopformer.model import LoopLM, check_token_ids
 from loopformer.nn.attention import AttentionContext
 from loopformer.nn.memory import Memory, as_memory
 from loopformer.training.tokenizer import TextTokenizer
@@ -642,6 +642,7 @@ class Engine:
         self._check_compile(config, memory)
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise InputError("score needs ids of shape [batch, seq] with seq >= 2.")
+        check_token_ids(ids, self.model.config.vocab_size)
         prefix = ids[:, :1]
         session = Session(
             self,

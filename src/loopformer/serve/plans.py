@@ -186,6 +186,13 @@ def _rows(
     loops, rule = depth(request, engine, settings)
     with field_errors("kv"):
         kv = parse_slot_policy(request.kv or "full")
+    if kv.kind == "ring" and kv.size > settings.max_loops:
+        raise APIError(
+            400,
+            f"kv ring:{kv.size} is larger than this server's --max-loops {settings.max_loops}; a ring of at least "
+            "the loop count is the full cache, so ask for full.",
+            param="kv",
+        )
     base_seed = request.seed if request.seed is not None else secrets.randbits(62)
     rows = []
     for prompt in prompts:
