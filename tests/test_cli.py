@@ -43,6 +43,7 @@ def test_version(capsys) -> None:
         (["demo", "--loops", "two"], "comma-separated integers"),
         (["demo", "--budget-minutes", "0"], "the budget must be > 0 minutes"),
         (["eval-ppl", "--ckpt", "/nonexistent/run"], "/nonexistent/run"),
+        (["presets", "--show", ""], "Unknown preset ''"),  # an empty name is not "list them all"
     ],
 )
 def test_user_errors_exit_2_with_one_sentence(capsys, argv: list[str], fragment: str) -> None:

@@ -38,6 +38,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, tokenizer: TextTokenizer) -> 
         (["--effort", "low"], "NAME=LOOPS"),
         (["--max-loops", "2", "--effort", "low=1"], "below the model's default of 3"),
         (["--max-batch", "0"], "max_batch"),
+        (["--max-loops", "0"], "--max-loops must be an integer >= 1, got 0"),  # 0 is not "the default"
         (["--port", "70000"], "--port"),
         (["--memory-dir", "/nonexistent/dir"], "not a directory"),
     ],

@@ -90,6 +90,9 @@ def test_train_resume_and_eval_ppl(corpus: Path, tmp_path: Path, capsys: pytest.
     report = json.loads(capsys.readouterr().out)
     assert [r["steps"] for r in report["results"]] == [1, 2] and report["step"] == 4
     assert main(["eval-ppl", "--ckpt", str(tmp_path), "--depths", "1"]) == 2
+    capsys.readouterr()
+    assert main(["eval-ppl", "--ckpt", out, "--depths", "1", "--seq-len", "0"]) == 2  # 0 is not "the run's length"
+    assert "seq_len=0 is invalid" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_0(corpus: Path, tmp_path: Path) -> None:

@@ -130,3 +130,13 @@ def test_missing_specials_rejected(tmp_path: Path, byte_tok: TextTokenizer) -> N
     path.write_text(json.dumps(data))
     with pytest.raises(InputError, match="<\\|memory\\|>"):
         TextTokenizer.load(path)
+
+
+@pytest.mark.parametrize("text", [b"hi \xff\xfe\x80 there".decode("utf-8", "surrogateescape"), 42])
+def test_text_that_is_not_utf8_gets_one_sentence(byte_tok: TextTokenizer, text: object) -> None:
+    with pytest.raises(InputError, match=r"UTF-8|must be a string") as info:
+        byte_tok.encode(text)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match=r"UTF-8|must be a string"):
+        byte_tok.encode_batch(["fine", text])
+    assert byte_tok.encode_batch(["fine"]) == [byte_tok.encode("fine")]

@@ -22,10 +22,8 @@ def run(args: argparse.Namespace) -> int:
     depths = parse_steps(args.depths, "--depths")
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     saved = dict(state.meta.get("train_config", {}))
-    changes = {"data": args.data} if args.data else {}
-    if args.data:
-        changes["val_data"] = None
-    if args.seq_len:
+    changes = {"data": args.data, "val_data": None} if args.data is not None else {}
+    if args.seq_len is not None:
         changes["seq_len"] = args.seq_len
     config = TrainConfig.from_dict({**saved, **changes})
     if state.tokenizer_json is None:

@@ -37,7 +37,7 @@ def human_count(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.show:
+    if args.show is not None:
         print(get_preset(args.show).to_json())
         return 0
     summaries = [preset_summary(name) for name in PRESETS]

@@ -33,13 +33,15 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be in 0..65535, got {args.port}.")
     if args.memory_dir is not None and not Path(args.memory_dir).is_dir():
         raise InputError(f"--memory-dir {args.memory_dir} is not a directory.")
+    if args.max_loops is not None and args.max_loops < 1:
+        raise InputError(f"--max-loops must be an integer >= 1, got {args.max_loops}.")
     effort = parse_effort(args.effort) if args.effort else None
     engine, path = load_engine(args)
     mean = engine.model.config.recurrence.mean_steps
     effort = effort or default_effort(mean)
     settings = ServerSettings(
         model_name=args.model_name or Path(args.ckpt).resolve().name,
-        max_loops=args.max_loops or max(2 * mean, *effort.values()),
+        max_loops=args.max_loops if args.max_loops is not None else max(2 * mean, *effort.values()),
         effort=effort,
         api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
         max_batch=args.max_batch,

@@ -295,11 +295,18 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``; special token strings inside it become their special id; nothing is added."""
-        return self.inner.encode(text, add_special_tokens=False).ids
+        try:
+            return self.inner.encode(text, add_special_tokens=False).ids
+        except TypeError:  # not a str, or a str with lone surrogates (undecodable bytes read with surrogateescape)
+            raise InputError(_not_text(text)) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """:meth:`encode` of many texts at once (parallel inside ``tokenizers``)."""
-        return [enc.ids for enc in self.inner.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [enc.ids for enc in self.inner.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            raise InputError(next(_not_text(t) for t in texts if _not_text(t))) from None
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of ``ids``; byte sequences that are not valid UTF-8 decode to U+FFFD."""
@@ -311,3 +318,14 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size})"
+
+
+def _not_text(text: object) -> str:
+    """Why ``text`` cannot be tokenized ("" when it can)."""
+    if not isinstance(text, str):
+        return f"text to tokenize must be a string, got {type(text).__name__}."
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"the text is not valid UTF-8 (undecodable bytes at character {exc.start}); send UTF-8 text."
+    return ""
