@@ -41,6 +41,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, tokenizer: TextTokenizer) -> 
         (["--max-loops", "0"], "--max-loops must be an integer >= 1, got 0"),  # 0 is not "the default"
         (["--port", "70000"], "--port"),
         (["--memory-dir", "/nonexistent/dir"], "not a directory"),
+        (["--host", "999.999.1.1"], "cannot serve on 999.999.1.1:8000"),
+        (["--host", "192.0.2.1"], "cannot serve on 192.0.2.1:8000: cannot assign requested address"),
     ],
 )
 def test_mistakes_exit_with_status_2(capsys: pytest.CaptureFixture[str], ckpt: Path, flags: list[str], message: str):

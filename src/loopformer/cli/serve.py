@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise InputError(f"--port must be in 0..65535, got {args.port}.")
+    check_bindable(args.host, args.port)
     if args.memory_dir is not None and not Path(args.memory_dir).is_dir():
         raise InputError(f"--memory-dir {args.memory_dir} is not a directory.")
     if args.max_loops is not None and args.max_loops < 1:
@@ -62,6 +64,19 @@ def run(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def check_bindable(host: str, port: int) -> None:
+    """One sentence, before anything is loaded, when ``host``:``port`` cannot be bound (a malformed or foreign
+    address, a port in use), instead of uvicorn's log lines and exit status."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InputError(f"cannot serve on {host}:{port}: {reason[0].lower() + reason[1:]}.") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
