@@ -118,6 +118,12 @@ def test_cli_analyze_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert set(report["groups"]["text"]["exits"]) == {"kl:0.0005", "cosine:0.001"}
     assert (out / "curves.png").exists() and "report.html" in capsys.readouterr().err
     check_html((out / "report.html").read_text())
+    assert main(argv) == 0  # an earlier report may be overwritten
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert main([*argv[:-4], "--out", str(tmp_path / "run"), "--loops", "4"]) == 2  # a training run may not
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
 
 
 def test_cli_analyze_task(tmp_path: Path) -> None:

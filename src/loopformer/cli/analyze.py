@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give either --text TEXT or --task NAME --difficulty D.")
     if args.task is not None and args.difficulty is None:
         raise InputError("--task needs --difficulty (comma-separated for several).")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        raise InputError(f"--out {out} exists and is not empty (nor an earlier report); choose a new folder.")
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     if state.tokenizer_json is None:
         raise InputError(f"{path} has no tokenizer.json; the analysis needs the checkpoint's tokenizer.")
