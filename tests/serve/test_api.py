@@ -172,6 +172,16 @@ def error_of(response: httpx.Response) -> dict:
         ({"model": MODEL, "prompt": "x", "exit": "magic:1"}, 400, "unknown exit criterion"),
         ({"model": MODEL, "prompt": "x", "kv": "ring:x"}, 400, "ring size"),
         ({"model": MODEL, "prompt": "x", "kv": "ring:1000"}, 400, "--max-loops 8"),
+        ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),  # strict types: no coercion
+        ({"model": MODEL, "prompt": "x", "loops": True}, 400, "loops"),
+        ({"model": MODEL, "prompt": "x", "loops": 2.0}, 400, "loops"),
+        ({"model": MODEL, "prompt": "x", "loop": 4}, 400, "unknown field loop"),
+        (
+            {"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}},
+            400,
+            "unknown field response_format",
+        ),
+        ({"model": MODEL, "prompt": "x", "min_steps": 2}, 400, "unknown field min_steps"),
         ({"model": MODEL, "prompt": "x", "kv": "ring:99999999999999999999"}, 400, "above 1,000,000"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
         ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
@@ -196,6 +206,8 @@ def test_malformed_json_unknown_paths_and_large_bodies(server: LiveServer) -> No
     assert bad.status_code == 400 and "not valid JSON" in error_of(bad)["message"]
     form = httpx.post(f"{server.url}/v1/completions", content=b"prompt=hi", headers={"content-type": "text/plain"})
     assert form.status_code == 400 and "must be a JSON object" in error_of(form)["message"]
+    empty = httpx.post(f"{server.url}/v1/completions", content=b"", headers={"content-type": "application/json"})
+    assert empty.status_code == 400 and "None" not in error_of(empty)["message"]
     assert httpx.get(f"{server.url}/v1/nothing").status_code == 404
     assert httpx.get(f"{server.url}/v1/completions").status_code == 405
     huge = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x" * 1_100_000}, timeout=10)

@@ -1,7 +1,10 @@
 """Request bodies of the OpenAI endpoints, with the loopformer extensions (depth, KV policy, memory).
 
 Fields the OpenAI client may send but this server cannot honour (log probabilities, ``echo``, presence penalties,
-...) are refused with a 400 when they ask for something, rather than silently ignored; unknown fields are ignored.
+...) are refused with a 400 when they ask for something, rather than silently ignored. The top level of a request is
+strict: an unknown field (``loop``, ``response_format``) is a 400 naming it, and a value of the wrong type is not
+coerced (``"stream": "yes"``, ``"loops": true``). Nested parts (messages, tools) ignore fields they do not use, since
+clients send back what an earlier response held.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ class StreamOptions(BaseModel):
 class GenerationRequest(BaseModel):
     """What the completion and chat endpoints share: sampling, stopping, depth, memory."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -46,6 +49,7 @@ class GenerationRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an OpenAI field for the caller's own bookkeeping; accepted and not used
 
     @field_validator("stop")
     @classmethod
