@@ -496,3 +496,13 @@ def test_kv_size_bad_input_exits_2(argv: list[str], capsys: pytest.CaptureFixtur
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("loopformer: error:") and "Traceback" not in err
+
+
+def test_loops_above_the_limit_need_force(capsys, ckpt: str) -> None:
+    from loopformer.inference.engine import MAX_LOOPS, GenerationConfig
+
+    with pytest.raises(InputError, match="above the limit of 4,096"):
+        GenerationConfig(loops=MAX_LOOPS + 1)
+    assert GenerationConfig(loops=MAX_LOOPS + 1, force=True).loops == MAX_LOOPS + 1
+    assert main(["generate", "--ckpt", ckpt, "--prompt", PROMPT, "--loops", "100000"]) == 2
+    assert "--force" in capsys.readouterr().err

@@ -36,6 +36,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     depth = parser.add_argument_group("depth")
     depth.add_argument("--loops", type=int, help="core iterations per token (the ceiling with --exit; default: mean)")
     add_exit_arguments(depth)
+    depth.add_argument("--force", action="store_true", help="allow --loops above 4096 (minutes per token)")
     depth.add_argument("--kv", default="full", help="KV slot policy: full, last or ring:K (default: full)")
     depth.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
     depth.add_argument("--speculative", metavar="DRAFT:LOOKAHEAD", help="self-speculative decoding, e.g. 4:8")
@@ -108,6 +109,7 @@ def generation_config(args: argparse.Namespace, stop_tokens: tuple[int, ...] | N
         stop_strings=tuple(args.stop),
         state_seed=args.seed,
         compile=args.compile,
+        force=args.force,
     )
 
 

@@ -36,6 +36,9 @@ from loopformer.nn.attention import AttentionContext
 from loopformer.nn.memory import Memory, as_memory
 from loopformer.training.tokenizer import TextTokenizer
 
+# loops per token beyond which a config is refused unless forced: states stay finite far past it (tested to 4096),
+# but the time grows linearly, so a typo (100000) would run for minutes per token
+MAX_LOOPS = 4096
 # rows of the product that decides whether ``auto`` takes bf16 autocast: decoding feeds a few tokens per pass
 DTYPE_PROBE_ROWS = 8
 
@@ -56,6 +59,7 @@ class GenerationConfig:
     ``stop_tokens``: None means the tokenizer's end-of-sequence token; ``compaction=False`` keeps exited rows in
     the batch (masked) and exists to measure what compaction saves. ``compile``: run single-token passes at a fixed
     depth as one compiled graph (:mod:`loopformer.inference.compiled`; the first pass at each loop count compiles).
+    ``force``: allow ``loops`` above :data:`MAX_LOOPS`.
     """
 
     max_new_tokens: int = 64
@@ -70,11 +74,17 @@ class GenerationConfig:
     state_seed: int = 0
     compaction: bool = True
     compile: bool = False
+    force: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(self.max_new_tokens, "max_new_tokens")
         if self.loops is not None:
             _positive_int(self.loops, "loops")
+            if self.loops > MAX_LOOPS and not self.force:
+                raise InputError(
+                    f"loops {self.loops} is above the limit of {MAX_LOOPS:,} per token (each loop runs the whole "
+                    "core); set force=True (--force on generate and chat) to run it anyway."
+                )
         if isinstance(self.exit, str):
             object.__setattr__(self, "exit", parse_exit_rule(self.exit))
         object.__setattr__(self, "kv", parse_slot_policy(self.kv))

@@ -206,6 +206,7 @@ def _rows(
                 sampling=sampling(request, (base_seed + len(rows)) % 2**63),
                 stop_tokens=stop_tokens,
                 stop_strings=tuple(request.stop or ()),
+                force=True,  # the server's own --max-loops bounds the depth
             )
             rows.append(Row(prompt, config))
     return rows
