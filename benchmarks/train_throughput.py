@@ -11,7 +11,8 @@ What one run does:
    take most of a minute.
 2. Times full training steps, ``zero_grad -> forward (with loss) -> backward -> AdamW step``, for each case:
    ``model(ids, num_steps=r, labels=ids, backprop_depth=k)`` on a fixed batch of random tokens, the bf16 case
-   under ``torch.autocast``. Warm-up steps are excluded; the reported step time is the median of the timed
+   under ``torch.autocast``; an ``auto`` case first resolves its dtype as the trainer does and says what it
+   picked and why (``dtype_reason``). Warm-up steps are excluded; the reported step time is the median of the timed
    steps. Achieved FLOP/s is ``loopformer.flops.training_flops_per_token(config, r, k, seq_len) * tokens/s``;
    MFU is its ratio to the matmul peak of the case's dtype.
 

@@ -6,7 +6,8 @@
 * :func:`resolve_dtype`: ``fp32`` / ``bf16`` as asked, or for ``auto``: bf16 autocast on a CUDA device that supports
   it; on a CPU, bf16 only where it has AMX or AVX512-BF16 **and** a timed product at the caller's shape runs faster
   under bf16 autocast than in fp32 (the cast of the fp32 weights included, as autocast does it); fp32 elsewhere.
-  CPUs without those instructions emulate bf16 matmuls and run them many times slower (18x on an AVX2 EPYC).
+  CPUs without those instructions emulate bf16 matmuls and run them several to a hundred times slower (the bf16
+  rows of the recorded ``benchmarks/train_throughput.py`` runs on an AVX2 EPYC, docs/benchmarks.md).
   The environment variable ``LOOPFORMER_AUTO_DTYPE`` (``fp32`` or ``bf16``) overrides what ``auto`` picks.
 
 Norms, softmax statistics, LTI coefficients, exit criteria and the latent state stay fp32 under either choice
@@ -83,6 +84,7 @@ def cxx_compiler() -> str | None:
 
 
 def has_cxx_compiler() -> bool:
+    """Whether compiled decoding can build its kernels here."""
     return cxx_compiler() is not None
 
 
@@ -103,17 +105,10 @@ class DtypeChoice:
         """A ``torch.autocast`` context for this choice on ``device`` (a no-op for fp32)."""
         device = torch.device(device)
         dtype = self.autocast_dtype
-        return torch.autocast(device.type, dtype, enabled=True) if dtype is not None else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype) if dtype is not None else contextlib.nullcontext()
 
     def to_dict(self) -> dict[str, str]:
         return {"dtype": self.name, "requested": self.requested, "reason": self.reason}
-
-
-def check_dtype(value: object, owner: str = "dtype") -> str:
-    """``value`` if it is one of :data:`DTYPES`; otherwise one sentence naming the choices."""
-    if value not in DTYPES:
-        raise InputError(f"{owner} must be one of {', '.join(DTYPES)}, got {value!r}.")
-    return str(value)
 
 
 def resolve_dtype(
@@ -124,7 +119,8 @@ def resolve_dtype(
     ``probe`` = (rows, in features, out features): the product the CPU probe times (a typical linear layer of the
     run); without it ``auto`` on a bf16-capable CPU decides from a 256-row, 1024 x 1024 product.
     """
-    check_dtype(requested)
+    if requested not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {requested!r}.")
     if requested != "auto":
         return DtypeChoice(requested, requested, "asked for")
     forced = os.environ.get(AUTO_DTYPE_ENV)

@@ -57,17 +57,19 @@ class LoopOutput:
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
-    """One sentence for ``ids`` that are not integer ids of a ``vocab_size`` vocabulary, naming the first offender
-    (skipped while compiling: the check reads values)."""
+    """One sentence for ``ids`` [batch, seq] that are not integer ids of a ``vocab_size`` vocabulary, naming the first
+    offender (the value check is skipped while compiling: it reads values)."""
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise InputError(f"token ids must be an integer tensor, got {ids.dtype}.")
     if torch.compiler.is_compiling() or ids.numel() == 0:
         return
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
-        where = [int(i) for i in bad.nonzero()[0]]
-        place = f"position {where[-1]}" + (f" of row {where[0]}" if len(where) > 1 else "")
-        raise InputError(f"token id {int(ids[tuple(where)])} at {place} is outside the vocabulary 0..{vocab_size - 1}.")
+        row, position = (int(i) for i in bad.nonzero()[0])
+        raise InputError(
+            f"token id {int(ids[row, position])} at position {position} of row {row} is outside the vocabulary "
+            f"0..{vocab_size - 1}."
+        )
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -91,9 +91,10 @@ def parse_slot_policy(text: str | SlotPolicy) -> SlotPolicy:
     if name == "ring" and sep:
         if not number.strip().isdigit():
             raise InputError(f"KV slot policy {text!r} needs an integer ring size, e.g. ring:4.")
-        if int(number) > MAX_RING_SIZE:
-            raise InputError(f"KV slot policy {text!r} asks for a ring above {MAX_RING_SIZE:,} slots; use full.")
-        return SlotPolicy("ring", int(number))
+        try:
+            return SlotPolicy("ring", int(number))
+        except InputError as exc:
+            raise InputError(f"KV slot policy {text!r}: {exc}") from None
     if name in ("full", "last") and not sep:
         return SlotPolicy(name)
     raise InputError(f"unknown KV slot policy {text!r}; use {POLICY_FORMS}.")

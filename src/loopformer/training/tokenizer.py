@@ -306,7 +306,7 @@ class TextTokenizer:
         try:
             return [enc.ids for enc in self.inner.encode_batch(texts, add_special_tokens=False)]
         except TypeError:
-            raise InputError(next(_not_text(t) for t in texts if _not_text(t))) from None
+            raise InputError(next(reason for reason in map(_not_text, texts) if reason)) from None
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of ``ids``; byte sequences that are not valid UTF-8 decode to U+FFFD."""

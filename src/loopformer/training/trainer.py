@@ -33,7 +33,7 @@ from loopformer.config import ModelConfig
 from loopformer.errors import InputError, TrainingError
 from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
 from loopformer.flops import training_flops_per_token
-from loopformer.hardware import resolve_dtype
+from loopformer.hardware import DtypeChoice, resolve_dtype
 from loopformer.model import LoopLM, build_model
 from loopformer.nn.halting import penalty_scale
 from loopformer.recurrence import sample_depth, sample_depths
@@ -214,14 +214,22 @@ class Trainer:
         if self.resume and source is not None:
             self._load_training_state(source)
         self.val_batches = self.data.eval_batches(cfg.batch_size, cfg.eval_batches)
-        probe = (cfg.batch_size * cfg.seq_len, model_config.dim, model_config.mlp_hidden)
-        self.dtype_choice = resolve_dtype(cfg.dtype, self.dist.device, probe)
-        self.autocast_dtype = self.dtype_choice.autocast_dtype
+        self.dtype_choice = self._resolve_dtype(cfg, model_config)
         self.logger = MetricsLogger(
             self.out_dir / "metrics.jsonl",
             self.out_dir / "tensorboard" if cfg.tensorboard else None,
             enabled=self.dist.is_main,
         )
+
+    def _resolve_dtype(self, cfg: TrainConfig, model: ModelConfig) -> DtypeChoice:
+        """``cfg.dtype`` on this device, probed at the run's batch and widths; every rank takes rank 0's choice (a
+        timed probe may land on either side of the threshold on different ranks)."""
+        choice = resolve_dtype(cfg.dtype, self.dist.device, (cfg.batch_size * cfg.seq_len, model.dim, model.mlp_hidden))
+        if not self.dist.enabled:
+            return choice
+        main_bf16 = torch.tensor([float(self.dist.is_main and choice.name == "bf16")], device=self.dist.device)
+        name = "bf16" if float(self.dist.all_reduce_sum(main_bf16)) > 0 else "fp32"
+        return choice if name == choice.name else DtypeChoice(name, choice.requested, "rank 0's choice")
 
     def _load_weights(self, source: TrainingState) -> None:
         """The source's weights; only a fine-tune that adds a halting head may leave tensors (that head's) fresh."""
@@ -424,7 +432,7 @@ class Trainer:
                 self.config.eval_depths,
                 seed=self.config.seed,
                 forward_kwargs=self.forward_kwargs,
-                autocast_dtype=self.autocast_dtype,
+                autocast_dtype=self.dtype_choice.autocast_dtype,
             )
         for r in results:
             self.logger.log(
@@ -458,7 +466,7 @@ class Trainer:
 
     def _loop(self) -> TrainResult:
         cfg = self.config
-        peak = measure_matmul_peak(self.autocast_dtype or torch.float32, self.dist.device)
+        peak = measure_matmul_peak(self.dtype_choice.autocast_dtype or torch.float32, self.dist.device)
         n_params = self.model.num_parameters()
         self._say(
             f"{n_params:,} parameters, vocab {self.model_config.vocab_size}, "
