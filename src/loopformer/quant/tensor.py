@@ -35,8 +35,8 @@ KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernels' fast p
 # * int8 (``_weight_int8pack_mm``) walks K in vector blocks with no tail (8 columns on AVX2 and NEON, 16 on
 #   AVX-512) and reads them with *aligned* loads: every bf16 activation row must start on a 16-byte (AVX2) or
 #   32-byte (AVX-512) boundary and every int8 weight row on a 16-byte one (AVX-512). Any other K, or an operand that
-#   is not aligned, reads past the row or faults: a segmentation fault on AVX-512 for K = 8, 24, 33 (and on AVX2
-#   for K = 2, 4, 12). Hence K is padded with zero columns to a multiple of 16 (a bf16 row then spans a multiple
+#   is not aligned, reads past the row or faults (issue 19 reports segmentation faults on AVX-512 for K = 8, 24, 33;
+#   on AVX2 the sweep below faults at K = 1 without the padding and at K = 16 without the alignment). Hence K is padded with zero columns to a multiple of 16 (a bf16 row then spans a multiple
 #   of 32 bytes, an int8 row of 16) and both operands start on a 64-byte boundary, as torch's CPU allocator
 #   places every new tensor (a view that does not is copied).
 # * int4 (``_weight_int4pack_mm_for_cpu``) blocks N by 64 (AVX-512) or 32 (AVX2 and others) and takes tail blocks
