@@ -36,8 +36,9 @@ KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernels' fast p
 #   AVX-512) and reads them with *aligned* loads: every bf16 activation row must start on a 16-byte (AVX2) or
 #   32-byte (AVX-512) boundary and every int8 weight row on a 16-byte one (AVX-512). Any other K, or an operand that
 #   is not aligned, reads past the row or faults (issue 19 reports segmentation faults on AVX-512 for K = 8, 24, 33;
-#   on AVX2 the sweep below faults at K = 1 without the padding and at K = 16 without the alignment). Hence K is padded with zero columns to a multiple of 16 (a bf16 row then spans a multiple
-#   of 32 bytes, an int8 row of 16) and both operands start on a 64-byte boundary, as torch's CPU allocator
+#   on AVX2 the sweep below faults at K = 1 without the padding and at K = 16 without the alignment). Hence K is
+#   padded with zero columns to a multiple of 16 (a bf16 row then spans a multiple of 32 bytes, an int8 row of 16)
+#   and both operands start on a 64-byte boundary, as torch's CPU allocator
 #   places every new tensor (a view that does not is copied).
 # * int4 (``_weight_int4pack_mm_for_cpu``) blocks N by 64 (AVX-512) or 32 (AVX2 and others) and takes tail blocks
 #   of 16, 32 or 48 only; it reads K one column at a time with unaligned loads. Hence N is padded to a multiple of
