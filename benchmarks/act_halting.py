@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from loopformer.checkpoint import resolve_checkpoint
 from loopformer.config import RecurrenceConfig
 from loopformer.errors import LoopformerError
 from loopformer.inference.engine import Engine, GenerationConfig
@@ -47,10 +48,9 @@ from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.evaluate import evaluate_task, evaluate_task_exits
 from loopformer.tasks.extrapolation import get_recipe
-from loopformer.training.checkpoint import resolve_checkpoint
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics
-from loopformer.training.tokenizer import TextTokenizer
 from loopformer.training.trainer import Trainer
 
 # Text: the head's bias starts at -3 (p = 0.047: a fresh model keeps its weight on the last iteration) and Graves'

@@ -36,9 +36,9 @@ from inference import (
 )
 from loopformer.errors import LoopformerError
 from loopformer.inference.engine import Engine, GenerationConfig, GenerationResult
+from loopformer.loading import load_trained_model
 from loopformer.table import format_table
-from loopformer.training.checkpoint import load_trained_model
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 SCRIPT = "compiled_decode.py"
 

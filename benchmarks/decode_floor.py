@@ -31,9 +31,9 @@ from loopformer.config import ModelConfig
 from loopformer.hardware import cpu_info
 from loopformer.inference.cache import KVCache
 from loopformer.inference.engine import Engine, GenerationConfig
+from loopformer.loading import load_trained_model
 from loopformer.model import LoopLM, build_model
 from loopformer.nn.attention import AttentionContext
-from loopformer.training.checkpoint import load_trained_model
 
 BENCH_SHAPE = ModelConfig(vocab_size=4096, dim=256, n_heads=4, mlp_hidden=688, max_seq_len=1024)
 

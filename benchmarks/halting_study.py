@@ -36,12 +36,12 @@ import torch
 from loopformer.config import RecurrenceConfig
 from loopformer.errors import LoopformerError
 from loopformer.inference.exits import EXIT_CRITERIA, ExitRule, ExitTracker, parse_exit_rule
+from loopformer.loading import load_trained_model
 from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder
 from loopformer.tasks.extrapolation import STARTUP_SECONDS, budgeted_training, get_recipe
-from loopformer.training.checkpoint import load_trained_model
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.trainer import Trainer
 
 TASKS = ("vector-parity-sparse", "vector-parity")

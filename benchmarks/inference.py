@@ -48,21 +48,22 @@ from typing import Any, NoReturn
 import torch
 
 import loopformer
+from loopformer.checkpoint import TrainingState
 from loopformer.errors import LoopformerError
 from loopformer.hardware import cpu_info
 from loopformer.inference.cache import cache_bytes
 from loopformer.inference.engine import Engine, GenerationConfig, GenerationResult, perplexity
 from loopformer.inference.exits import EXIT_CRITERIA, ExitRule, parse_exit_rule
+from loopformer.loading import load_trained_model
 from loopformer.model import LoopLM
 from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.data import parse_difficulty_range
 from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder
-from loopformer.training.checkpoint import TrainingState, load_trained_model
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.data import load_documents, split_documents, tokenize_documents
 from loopformer.training.metrics import measure_matmul_peak
 from loopformer.training.pipeline import cache_dir
-from loopformer.training.tokenizer import TextTokenizer
 
 # The measured figure for the Huginn reference code at this shape (h=256, layers 1/2/1, vocab 4096,
 # r=32, batch 1, greedy) on this machine (2 CPU cores): 18 new tokens/s.

@@ -40,9 +40,11 @@ from typing import Any
 import torch
 
 from inference import held_out_stream, machine, progress, rounded, run_report, take
+from loopformer.checkpoint import TrainingState, write_checkpoint_dir
 from loopformer.errors import LoopformerError
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.inference.engine import Engine, GenerationConfig
+from loopformer.loading import load_trained_model
 from loopformer.model import LoopLM, build_model
 from loopformer.presets import get_preset
 from loopformer.quant import QuantScheme, save_quantized
@@ -50,8 +52,7 @@ from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.data import parse_difficulty_range
 from loopformer.tasks.evaluate import evaluate_task
-from loopformer.training.checkpoint import TrainingState, load_trained_model, write_checkpoint_dir
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 SCHEMES: dict[str, QuantScheme | None] = {"fp32": None, "int8": QuantScheme(8), "int4-g64": QuantScheme(4, 64)}
 ANIMA_SCHEMES: dict[str, QuantScheme | None] = {

@@ -37,11 +37,11 @@ from typing import Any
 import httpx
 import openai
 
+from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.model import build_model
 from loopformer.table import format_table
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 MODEL = "bench"
 SHAPE = {"dim": 128, "n_heads": 4, "n_prelude": 1, "n_core": 2, "n_coda": 1, "mlp_hidden": 256, "max_seq_len": 256}

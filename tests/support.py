@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.inference.compiled import has_cxx_compiler
 from loopformer.inference.engine import Engine, GenerationConfig, GenerationResult
 from loopformer.model import build_model
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.encoding import task_tokenizer
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 needs_compiler = pytest.mark.skipif(not has_cxx_compiler(), reason="compiled decoding needs a C++ compiler")
 

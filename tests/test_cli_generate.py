@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 import loopformer.cli.chat as chat_cli
+from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import build_parser, main
 from loopformer.cli.generation_args import generation_config, load_engine
 from loopformer.errors import InputError
 from loopformer.inference.chat import Message, encode_chat, encode_prompt, reply_stop_tokens
 from loopformer.model import build_model
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import needs_compiler, small_config
 
 PROMPT = "loop state"
@@ -499,7 +499,7 @@ def test_kv_size_bad_input_exits_2(argv: list[str], capsys: pytest.CaptureFixtur
 
 
 def test_loops_above_the_limit_need_force(capsys, ckpt: str) -> None:
-    from loopformer.inference.engine import MAX_LOOPS, GenerationConfig
+    from loopformer.inference.generation import MAX_LOOPS, GenerationConfig
 
     with pytest.raises(InputError, match="above the limit of 4,096"):
         GenerationConfig(loops=MAX_LOOPS + 1)

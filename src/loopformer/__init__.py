@@ -11,6 +11,17 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
+
+def __getattr__(name: str) -> object:
+    """``loopformer.load`` (:func:`loopformer.loading.load`), imported on first use: it pulls in safetensors, the
+    tokenizer library and the quantized weights, which ``import loopformer`` alone does not need."""
+    if name == "load":
+        from loopformer.loading import load
+
+        return load
+    raise AttributeError(f"module 'loopformer' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "InputError",
@@ -21,4 +32,5 @@ __all__ = [
     "RecurrenceConfig",
     "__version__",
     "build_model",
+    "load",
 ]

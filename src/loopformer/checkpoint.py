@@ -34,7 +34,6 @@ from safetensors.torch import save_file
 
 from loopformer.config import ModelConfig, atomic_write_text, read_text_file
 from loopformer.errors import ConfigError, InputError
-from loopformer.model import LoopLM, build_model
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -473,22 +472,3 @@ def check_state_dict(
         problems.append(f"wrong shapes {some(shapes)}")
     if problems:
         raise InputError(f"{source} does not fit the model: {'; '.join(problems)}.")
-
-
-def load_trained_model(path: Path, use_ema: bool = False) -> tuple[LoopLM, TrainingState, Path]:
-    """The model of a checkpoint (or of a run directory's latest) in eval mode, its state and its directory.
-
-    ``use_ema`` takes the EMA weights when the checkpoint has them.
-    """
-    directory = resolve_checkpoint(path)
-    state = load_checkpoint(directory, load_optimizer=False)
-    if "quantization" in state.meta:  # written by `loopformer quantize`: integer weights, no EMA
-        from loopformer.quant.checkpoint import build_quantized_model
-
-        return build_quantized_model(state, str(directory)).eval(), state, directory
-    model = build_model(state.config)
-    weights = state.ema if use_ema and state.ema is not None else state.model
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    check_state_dict(expected, {name: tensor.shape for name, tensor in weights.items()}, str(directory))
-    model.load_state_dict(weights)
-    return model.eval(), state, directory

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
 from loopformer.nn.attention import AttentionContext
-from loopformer.nn.depth import LoopEmbedding, loop_slot
+from loopformer.nn.depth import LoopEmbedding, LoopIndex, loop_slot
 from loopformer.nn.halting import ACT, HaltingHead, HaltingStats
 from loopformer.nn.injection import INJECTIONS, LTI_DT_INIT, LTIInjection
 from loopformer.nn.layer import Layer
@@ -54,6 +55,78 @@ class LoopOutput:
     steps: Steps
     states: list[torch.Tensor] | None = None
     halting: HaltingStats | None = None
+
+
+class RowExits(Protocol):
+    """Per-row early exit for :meth:`LoopLM.recur` (inference): after an iteration, which rows leave the loop.
+
+    Implemented by :class:`loopformer.inference.exits.RowExitRule` (exit rules and per-row loop budgets).
+    """
+
+    def fired(self, step: int, state: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        """[rows] bool over the rows still in the loop after iteration ``step`` (1-based): True leaves now (None:
+        no row leaves at this iteration). Not called after the last iteration."""
+        ...
+
+    def exit_state(self, step: int, state: torch.Tensor) -> torch.Tensor:
+        """What rows that stop after iteration ``step`` decode: ``state`` itself, or e.g. an ACT mixture."""
+        ...
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Track only the rows ``keep`` (indices into the rows still in the loop) from now on."""
+        ...
+
+
+class Recurrence(NamedTuple):
+    """What :meth:`LoopLM.recur` returns: the final state [B, T, D], every iteration's state when requested, and
+    with ``exits`` the iterations each row ran ([B] long; otherwise None)."""
+
+    state: torch.Tensor
+    states: list[torch.Tensor] | None = None
+    steps: torch.Tensor | None = None
+
+
+class _Retirement:
+    """The bookkeeping of rows leaving a recurrence early: their final states and iteration counts; with
+    ``compact`` the leavers are removed from the batch, otherwise they stay (their cache writes frozen)."""
+
+    def __init__(self, exits: RowExits, state: torch.Tensor, total: int, compact: bool) -> None:
+        self.exits, self.compact = exits, compact
+        rows, device = state.shape[0], state.device
+        self.final = state.clone()
+        self.steps = torch.full((rows,), total, dtype=torch.long, device=device)
+        self.active = torch.arange(rows, device=device)  # compact: original rows still in the batch
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)  # masked: rows that have left
+
+    def after(
+        self, step: int, state: torch.Tensor, e: torch.Tensor, ctx: AttentionContext
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext] | None:
+        """The (state, e, ctx) of the rows that go on after iteration ``step``; None when no row does."""
+        fired = self.exits.fired(step, state, ctx)
+        if fired is None or not bool(fired.any()):
+            return state, e, ctx
+        if not self.compact:
+            newly = fired & ~self.done
+            self.final[newly], self.steps[newly] = self.exits.exit_state(step, state)[newly], step
+            self.done |= fired
+            ctx.cache.freeze(self.done)  # exited rows keep computing but no longer write the cache
+            return None if bool(self.done.all()) else (state, e, ctx)
+        exited = self.active[fired]
+        self.final[exited], self.steps[exited] = self.exits.exit_state(step, state)[fired], step
+        keep = (~fired).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return None
+        self.active = self.active[keep]
+        self.exits.select(keep)
+        return state[keep], e[keep], ctx.select(keep)
+
+    def finish(self, step: int, state: torch.Tensor) -> Recurrence:
+        """The result once the rows still running stopped after iteration ``step`` with ``state``."""
+        if self.compact:
+            self.final[self.active] = self.exits.exit_state(step, state)
+        else:
+            self.final[~self.done] = self.exits.exit_state(step, state)[~self.done]
+        return Recurrence(self.final, None, self.steps)
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -201,18 +274,30 @@ class LoopLM(nn.Module):
         The state has the parameters' dtype (fp32 under bf16 autocast): it accumulates over many
         iterations, so it is not left in the autocast dtype of ``e``.
         """
-        cfg = self.config
         dtype = self.tok_emb.weight.dtype
-        if cfg.state_init == "zero" or cfg.state_init_std == 0:
+        if not self.random_init:
             return torch.zeros(e.shape, device=e.device, dtype=dtype)
         device = generator.device if generator is not None else e.device
-        state = torch.empty(e.shape, device=device, dtype=torch.float32)
-        sd = cfg.state_init_std
-        nn.init.trunc_normal_(state, 0.0, sd, -3 * sd, 3 * sd, generator=generator)
-        return state.to(device=e.device, dtype=dtype)
+        return self.draw_states(e.shape, device, generator).to(device=e.device, dtype=dtype)
 
-    def step(self, state: torch.Tensor, e: torch.Tensor, index: int, ctx: AttentionContext) -> torch.Tensor:
-        """Core iteration ``index`` (0-based): inject e, add the loop signal, run the core layers."""
+    @property
+    def random_init(self) -> bool:
+        """Whether initial states are random (``state_init`` normal with a positive std) rather than zero."""
+        return self.config.state_init != "zero" and self.config.state_init_std > 0
+
+    def draw_states(
+        self, shape: tuple[int, ...] | torch.Size, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """fp32 initial states of ``shape``: truncated normal (3 sigma) with the configured std, from ``generator``
+        (whose device ``device`` must be). The inference engine draws a per-position table with it."""
+        state = torch.empty(shape, device=device, dtype=torch.float32)
+        sd = self.config.state_init_std
+        nn.init.trunc_normal_(state, 0.0, sd, -3 * sd, 3 * sd, generator=generator)
+        return state
+
+    def step(self, state: torch.Tensor, e: torch.Tensor, index: LoopIndex, ctx: AttentionContext) -> torch.Tensor:
+        """Core iteration ``index`` (0-based; an int, or a 0-d tensor in a compiled graph): inject e, add the loop
+        signal, run the core layers."""
         cfg = self.config
         slot = loop_slot(index, cfg.per_loop_slots, cfg.loop_overflow) if self._uses_slots else None
         x = self.injection(state, e).to(state.dtype)  # the residual stream keeps the state's dtype
@@ -247,8 +332,12 @@ class LoopLM(nn.Module):
         return_states: bool = False,
         checkpoint_steps: bool = False,
         on_state: StateVisitor | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Run the core ``steps`` times (an int, or a [B] tensor of per-row depths).
+        *,
+        exits: RowExits | None = None,
+        compact: bool = True,
+    ) -> Recurrence:
+        """Run the core ``steps`` times (an int, or a [B] tensor of per-row depths): the only loop over core
+        iterations, used by training, evaluation, analysis and the inference engine.
 
         With ``backprop_depth = k`` only each row's last k iterations carry gradient; earlier ones
         run under ``no_grad`` (or are detached per row when rows differ in depth). A row whose depth
@@ -256,8 +345,15 @@ class LoopLM(nn.Module):
         gradient-carrying iteration in the backward pass instead of storing its activations.
         ``on_state(i, state)`` is called after iteration i (1-based), e.g. to decode intermediate depths
         without keeping every state.
+
+        ``exits`` (inference, an int ``steps``): after each iteration the rows it names leave the loop, keeping
+        their :meth:`RowExits.exit_state`; with ``compact`` later iterations compute only the remaining rows (the
+        visitors then see those rows only), otherwise leavers stay in the batch with their cache writes frozen. The
+        result's ``steps`` holds each row's iteration count.
         """
         per_row = isinstance(steps, torch.Tensor)
+        if exits is not None and per_row:
+            raise InputError("per-row exits take an int loop count (a row's own budget belongs to its exits).")
         total = int(steps.max()) if per_row else int(steps)
         if per_row:
             steps = steps.to(state.device)
@@ -266,6 +362,7 @@ class LoopLM(nn.Module):
             first_grad = 0 if backprop_depth is None else max(total - backprop_depth, 0)
         grad_enabled = torch.is_grad_enabled()
         states: list[torch.Tensor] | None = [] if return_states else None
+        retirement = None if exits is None else _Retirement(exits, state, total, compact)
         for index in range(total):
             with torch.set_grad_enabled(grad_enabled and index >= first_grad):
                 if checkpoint_steps and torch.is_grad_enabled():
@@ -283,7 +380,14 @@ class LoopLM(nn.Module):
                 states.append(state)
             if on_state is not None:
                 on_state(index + 1, state)
-        return state, states
+            if retirement is not None and index + 1 < total:
+                going_on = retirement.after(index + 1, state, e, ctx)
+                if going_on is None:
+                    return Recurrence(retirement.final, states, retirement.steps)
+                state, e, ctx = going_on
+        if retirement is not None:
+            return retirement.finish(total, state)._replace(states=states)
+        return Recurrence(state, states)
 
     def forward(
         self,
@@ -338,7 +442,7 @@ class LoopLM(nn.Module):
         self.moe_records = [] if self.training and self.config.moe_routed else None
         act = self.act(steps)
         visit = _visitor(act, on_state, on_output)
-        state, states = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, visit)
+        state, states, _ = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, visit)
         logits = self.decode(state if act is None else act.latest, ctx)
         loss = lm_loss(logits, labels) if labels is not None else None
         halting = None

@@ -11,12 +11,12 @@ import torch
 
 from loopformer.analysis.report import Section, render_html
 from loopformer.analysis.run import AnalysisOptions, InputGroup, analyze
+from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import main
 from loopformer.errors import InputError
 from loopformer.model import build_model
 from loopformer.tasks.encoding import task_tokenizer
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
 FIGURES = ("convergence.png", "pca.png", "path_independence.png", "logit_lens.png", "exits.png")

@@ -13,12 +13,12 @@ import torch
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
+from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import main
 from loopformer.errors import InputError
 from loopformer.evaluation.lm_eval_model import LoopformerLM
 from loopformer.model import build_model
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "lm_eval"

@@ -10,6 +10,7 @@ import torch
 from loopformer.errors import InputError
 from loopformer.inference.compiled import CompiledDecoder, history_width
 from loopformer.inference.engine import Engine, GenerationConfig
+from loopformer.inference.passes import PassRunner
 from loopformer.model import build_model
 from loopformer.quant import QuantScheme
 from loopformer.quant.model import quantize_model
@@ -21,17 +22,17 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 8, 7]]  # left-padded to a c
 def _compare(engine: Engine, config: GenerationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Scoring and padded batched generation give the eager results with compile=True (and really ran compiled)."""
     counts = {"single-token passes": 0, "compiled passes": 0}
-    run_pass, run_compiled = Engine.run_pass, CompiledDecoder.run
+    run_pass, run_compiled = PassRunner.run, CompiledDecoder.run
 
-    def counted_pass(self: Engine, cache, rows, ids: torch.Tensor, *args: object, **kwargs: object):
-        counts["single-token passes"] += ids.shape[1] == 1 and self is engine
+    def counted_pass(self: PassRunner, cache, rows, ids: torch.Tensor, *args: object, **kwargs: object):
+        counts["single-token passes"] += ids.shape[1] == 1 and self is engine.passes
         return run_pass(self, cache, rows, ids, *args, **kwargs)
 
     def counted_compiled(self: CompiledDecoder, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
         counts["compiled passes"] += 1
         return run_compiled(self, *args)
 
-    monkeypatch.setattr(Engine, "run_pass", counted_pass)
+    monkeypatch.setattr(PassRunner, "run", counted_pass)
     monkeypatch.setattr(CompiledDecoder, "run", counted_compiled)
     ids = torch.randint(0, engine.model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     eager_scores = engine.score(ids, config)
@@ -86,18 +87,44 @@ def test_history_width_is_a_power_of_two_of_at_least_64() -> None:
     assert [history_width(n) for n in (1, 63, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
 
 
-@pytest.mark.parametrize(
-    ("changes", "named"),
-    [
-        ({"lora_rank": 2, "per_loop_slots": 4}, "LoRA"),
-        ({"loop_embedding": "sinusoidal"}, "loop-index embedding"),
-        ({"moe_routed": 4, "moe_top_k": 2, "moe_hidden": 32, "per_loop_slots": 2}, "mixture-of-experts"),
-        ({"halting": "act"}, "ACT"),
-    ],
-)
-def test_models_whose_iteration_depends_on_its_index_are_refused(changes: dict, named: str) -> None:
-    engine = Engine(build_model(small_config(**changes), seed=0))
-    with pytest.raises(InputError, match=named):
+def _perturbed(changes: dict) -> Engine:
+    """An engine over a small model with ``changes`` whose zero-initialised per-loop parameters (LoRA B, router loop
+    biases) are made non-zero, so that picking the wrong slot would change the result."""
+    model = build_model(small_config(**changes), seed=0)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("lora_b", "loop_bias")):
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return Engine(model)
+
+
+PER_LOOP = {"lora_rank": 2, "per_loop_slots": 2, "moe_routed": 4, "moe_top_k": 2, "moe_hidden": 32}
+
+
+@needs_compiler
+def test_compiled_decoding_equals_eager_with_per_loop_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA adapters, a learned loop embedding and MoE router biases, selected inside the graph by the iteration index
+    it carries; four loops over two slots with the "off" policy, so iterations 3 and 4 run without per-loop terms."""
+    engine = _perturbed({**PER_LOOP, "loop_embedding": "learned", "loop_overflow": "off"})
+    _compare(engine, GenerationConfig(max_new_tokens=10, loops=4, stop_tokens=()), monkeypatch)
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("overflow", ["reuse-last", "cycle"])
+@pytest.mark.parametrize("embedding", ["sinusoidal", "learned"])
+def test_compiled_decoding_equals_eager_across_overflow_policies(
+    overflow: str, embedding: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _perturbed({**PER_LOOP, "loop_embedding": embedding, "loop_overflow": overflow})
+    for kv in ("full", "ring:2"):
+        _compare(engine, GenerationConfig(max_new_tokens=8, loops=5, kv=kv, stop_tokens=()), monkeypatch)
+
+
+def test_act_models_are_refused() -> None:
+    engine = Engine(build_model(small_config(halting="act"), seed=0))
+    with pytest.raises(InputError, match="ACT"):
         engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=2, loops=2, compile=True))
 
 
@@ -111,9 +138,25 @@ def test_int4_models_are_refused() -> None:
         Engine(model).generate([[1, 2]], GenerationConfig(max_new_tokens=2, compile=True))
 
 
-def test_compile_refuses_exits_and_memory() -> None:
+def test_compile_refuses_exits() -> None:
     with pytest.raises(InputError, match="exit rule"):
         GenerationConfig(exit="kl:1e-3", compile=True)
-    engine = Engine(build_model(small_config(memory_dim=8), seed=0))
-    with pytest.raises(InputError, match="memory"):
-        engine.generate([[1, 2]], GenerationConfig(max_new_tokens=2, compile=True), memory=torch.zeros(2, 8))
+
+
+@needs_compiler
+def test_compiled_decoding_reads_memory_vectors_like_eager() -> None:
+    """Per-row memory vectors (with a mask) reach the compiled prelude: tokens identical, log-probs within 1e-4."""
+    model = build_model(small_config(memory_dim=8), seed=0)
+    with torch.no_grad():
+        model.memory.out.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    engine = Engine(model)
+    memory = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    config = GenerationConfig(loops=3, stop_tokens=())
+    eager = engine.score(ids, config, memory=memory, memory_mask=mask)
+    compiled = engine.score(ids, replace(config, compile=True), memory=memory, memory_mask=mask)
+    torch.testing.assert_close(compiled.log_probs, eager.log_probs, atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled.predictions, eager.predictions)
+    blank = engine.score(ids, replace(config, compile=True))
+    assert not torch.allclose(blank.log_probs, compiled.log_probs, atol=1e-3)  # the memory did change the result

@@ -12,7 +12,7 @@ from loopformer.inference.engine import Engine, GenerationConfig, Session
 from loopformer.inference.exits import ExitRule
 from loopformer.inference.sampling import SamplingConfig
 from loopformer.model import LoopLM, build_model
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import generate_with_and_without_compaction, small_config
 
 # prompts of different lengths (a batch of them is left-padded)
@@ -97,7 +97,7 @@ def test_left_padded_prefill_then_decode_matches_the_forward(kv: str, loops: int
     assert ids.shape == (3, 6) and real.sum(dim=1).tolist() == [6, 2, 4]
     rows = torch.arange(3)
     with torch.inference_mode():
-        session = Session(engine, ids, real, GenerationConfig(max_new_tokens=6, loops=loops, kv=kv))
+        session = Session(engine.passes, ids, real, GenerationConfig(max_new_tokens=6, loops=loops, kv=kv))
         logits = [session.logits.clone()]
         for t in range(5):
             session.feed(rows, continuation[:, t])
@@ -310,20 +310,20 @@ def record_passes(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> list[dict[
     """Per pass: its rows and positions, the state its first iteration started from and the final states."""
     passes: list[dict[str, torch.Tensor]] = []
     model = engine.model
-    original_step, original_pass = model.step, engine.run_pass
+    original_step, original_pass = model.step, engine.passes.run
 
     def step(state, e, index, ctx):
         if index == 0:
             passes.append({"first": state.clone()})
         return original_step(state, e, index, ctx)
 
-    def run_pass(cache, rows, ids, positions, real, loops, rule, start, config, memory=None):
-        result = original_pass(cache, rows, ids, positions, real, loops, rule, start, config, memory)
+    def run_pass(cache, rows, ids, positions, **options):
+        result = original_pass(cache, rows, ids, positions, **options)
         passes[-1].update(rows=rows.clone(), positions=positions.clone(), final=result.state.clone())
         return result
 
     monkeypatch.setattr(model, "step", step)
-    monkeypatch.setattr(engine, "run_pass", run_pass)
+    monkeypatch.setattr(engine.passes, "run", run_pass)
     return passes
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import main
 from loopformer.errors import InputError
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.memory_file import load_memory_file
 from loopformer.model import LoopLM, build_model
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
 MEMORY_DIM = 6

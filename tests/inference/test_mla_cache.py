@@ -79,7 +79,7 @@ def test_a_decode_step_writes_one_latent_and_one_rope_key_per_layer() -> None:
     engine = Engine(model)
     ids, real = engine.prepare([[4, 8, 15, 16]])
     with torch.inference_mode():
-        session = Session(engine, ids, real, GenerationConfig(max_new_tokens=2, loops=2))
+        session = Session(engine.passes, ids, real, GenerationConfig(max_new_tokens=2, loops=2))
         session.feed(torch.tensor([0]), torch.tensor([23]))
     latent, rope_key = session.cache.store["core"]
     written = latent[:, :, 0, 0, :5].abs().sum(-1) > 0  # [core layers, slots, columns]
@@ -104,7 +104,7 @@ def test_prefill_then_decode_matches_the_forward(
     ids, real = engine.prepare(prompts)
     rows = torch.arange(3)
     with torch.inference_mode():
-        session = Session(engine, ids, real, GenerationConfig(max_new_tokens=6, loops=loops, kv=kv))
+        session = Session(engine.passes, ids, real, GenerationConfig(max_new_tokens=6, loops=loops, kv=kv))
         logits = [session.logits.clone()]
         for t in range(5):
             session.feed(rows, continuation[:, t])

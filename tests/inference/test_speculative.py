@@ -122,7 +122,7 @@ def test_speculative_stream_matches_generate(engine: Engine) -> None:
 def run_session(engine: Engine, prompts: list[list[int]], config: GenerationConfig) -> Session:
     with torch.inference_mode():
         ids, real = engine.prepare(prompts)
-        session = Session(engine, ids, real, config)
+        session = Session(engine.passes, ids, real, config)
         for _ in engine.events(session):
             pass
     return session
@@ -145,7 +145,7 @@ def assert_cache_of_plain_decoding(engine: Engine, config: GenerationConfig) -> 
     # plain decoding fed the same tokens, each row as far as the speculative cache got
     ids, real = engine.prepare(PROMPTS)
     with torch.inference_mode():
-        plain = Session(engine, ids, real, plain_config)
+        plain = Session(engine.passes, ids, real, plain_config)
         for t in range(max(committed)):
             rows = torch.tensor([b for b in range(len(PROMPTS)) if committed[b] > t])
             plain.feed(rows, torch.tensor([longer[b][t] for b in rows.tolist()]))

@@ -8,7 +8,7 @@ import pytest
 
 from loopformer.errors import InputError
 from loopformer.inference.text import TextStream
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 REPLACEMENT = "\ufffd"
 

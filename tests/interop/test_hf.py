@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from loopformer.checkpoint import TrainingState, write_checkpoint_dir
 from loopformer.cli import main
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
@@ -24,8 +25,7 @@ from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.interop import hf
 from loopformer.interop.hf import LoopformerForCausalLM, LoopSession
 from loopformer.model import build_model
-from loopformer.training.checkpoint import TrainingState, write_checkpoint_dir
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 # init_std well above the default so that a random model's greedy tokens depend on the prompt and the depth
 CONFIG = ModelConfig(

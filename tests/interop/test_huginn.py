@@ -17,14 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from loopformer.checkpoint import TrainingState, load_checkpoint, write_checkpoint_dir
 from loopformer.cli import main
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
 from loopformer.inference.chat import Message, encode_chat, reply_stop_tokens
 from loopformer.interop.huginn import config_to_huginn, export_huginn, import_huginn
+from loopformer.loading import load_trained_model
 from loopformer.model import build_model
-from loopformer.training.checkpoint import TrainingState, load_checkpoint, load_trained_model, write_checkpoint_dir
-from loopformer.training.tokenizer import TextTokenizer, TokenRoles
+from loopformer.tokenizer import TextTokenizer, TokenRoles
 
 H, HEADS, INNER, VOCAB, CONTEXT = 32, 4, 48, 272, 64
 LAYERS = {"prelude": 1, "core_block": 2, "coda": 1}

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loopformer.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from loopformer.cli import main
 from loopformer.errors import InputError
+from loopformer.loading import load_trained_model
 from loopformer.model import build_model
 from loopformer.quant import QuantizedWeight, QuantScheme, quantization_note, save_quantized
 from loopformer.quant.model import quantized_state
-from loopformer.training.checkpoint import TrainingState, load_checkpoint, load_trained_model, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
 TOKENIZER = TextTokenizer.byte_level()

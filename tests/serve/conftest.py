@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loopformer.inference.engine import Engine
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from serve.live import memory_model
 
 

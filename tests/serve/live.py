@@ -20,7 +20,7 @@ from loopformer.inference.engine import Engine
 from loopformer.model import LoopLM, build_model
 from loopformer.serve.app import create_app
 from loopformer.serve.settings import ServerSettings
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
 MODEL = "tiny"

@@ -13,7 +13,7 @@ import torch
 from loopformer.inference.engine import Engine
 from loopformer.model import LoopLM, build_model
 from loopformer.nn.attention import Attention
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
 MARGIN = 10.0  # logit of the scripted token; every other token gets about 0

@@ -14,10 +14,10 @@ import httpx
 import openai
 import pytest
 
+from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import main
 from loopformer.model import build_model
-from loopformer.training.checkpoint import TrainingState, save_checkpoint
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
 

@@ -16,7 +16,7 @@ from loopformer.inference.chat import encode_chat
 from loopformer.inference.engine import Engine
 from loopformer.serve.prompts import chat_messages
 from loopformer.serve.schemas import ChatMessage, Tool
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from serve.live import MODEL, LiveServer, live_server
 from serve.scripted import scripted_model
 

@@ -16,7 +16,7 @@ from loopformer.model import build_model
 from loopformer.nn.memory import Memory
 from loopformer.serve.lanes import stack_memory
 from loopformer.serve.scheduler import Failed, Finished, Job, QueueFull, Scheduler, TextDelta
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 from serve.live import MEMORY_DIM
 from support import small_config
 
@@ -206,7 +206,7 @@ def test_a_cache_grows_rows_in_place_keeping_the_old_ones(engine: Engine) -> Non
     cache = KVCache(engine.model.config, 1, 64, "full", max_steps=4)
     with torch.inference_mode():
         real = torch.ones_like(ids, dtype=torch.bool)
-        session = Session(engine, ids, real, config, cache=cache, slots=torch.tensor([0]))
+        session = Session(engine.passes, ids, real, config, cache=cache, slots=torch.tensor([0]))
         before = {role: (k.clone(), v.clone()) for role, (k, v) in cache.store.items()}
         cache.reserve_rows(3)
         assert cache.batch_size == 3 and cache.lengths.tolist() == [ids.shape[1], 0, 0]

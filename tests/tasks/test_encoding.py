@@ -10,7 +10,7 @@ import torch
 from loopformer.errors import InputError
 from loopformer.tasks.base import Example
 from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder, alphabet_of, task_tokenizer
-from loopformer.training.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from loopformer.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
 FIRST = len(SPECIAL_TOKENS)  # the id of the first symbol
 

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.cli import main
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.errors import ConfigError, InputError
+from loopformer.loading import load_trained_model
 from loopformer.model import LoopLM, build_model
 from loopformer.tasks.base import Example
 from loopformer.tasks.builtin import TASKS, VectorParity
@@ -24,11 +26,10 @@ from loopformer.tasks.data import prepare_task_data
 from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder, task_tokenizer
 from loopformer.tasks.evaluate import evaluate_task
 from loopformer.tasks.jsonl import write_task_file
-from loopformer.training.checkpoint import load_checkpoint, load_trained_model, resolve_checkpoint
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import Batch
 from loopformer.training.metrics import read_metrics
-from loopformer.training.tokenizer import TextTokenizer
 from loopformer.training.trainer import Trainer, TrainResult
 from support import small_config, write_corpus
 

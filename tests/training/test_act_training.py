@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.cli import main
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.errors import ConfigError, InputError
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.flops import core_step_flops
+from loopformer.loading import load_trained_model
 from loopformer.model import build_model
-from loopformer.training.checkpoint import load_checkpoint, load_trained_model, resolve_checkpoint
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import Batch
 from loopformer.training.metrics import read_metrics

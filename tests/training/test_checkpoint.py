@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import loopformer.training.checkpoint as ckpt_module
-from loopformer.errors import InputError
-from loopformer.model import build_model
-from loopformer.training.checkpoint import (
+import loopformer.checkpoint as ckpt_module
+from loopformer.checkpoint import (
     SHAPE_FIELDS,
     TrainingState,
     capture_rng,
@@ -24,6 +22,8 @@ from loopformer.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from loopformer.errors import InputError
+from loopformer.model import build_model
 from loopformer.training.optim import EMA, build_optimizer
 from support import small_config
 

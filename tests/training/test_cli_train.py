@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.cli import build_parser, main
 from loopformer.cli.train import resolve_configs
 from loopformer.presets import get_preset
-from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.training.metrics import read_metrics
 from support import write_corpus
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loopformer.errors import ConfigError, InputError
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training import data
 from loopformer.training.data import (
     BatchSampler,
@@ -24,7 +25,6 @@ from loopformer.training.data import (
     stdlib_documents,
     tokenize_documents,
 )
-from loopformer.training.tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.config import ModelConfig
 from loopformer.errors import ConfigError
 from loopformer.flops import core_step_flops
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.model import build_model
 from loopformer.nn.moe import MoE
-from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics
 from loopformer.training.trainer import Trainer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loopformer.errors import ConfigError, InputError
-from loopformer.training.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from loopformer.tokenizer import SPECIAL_TOKENS, TextTokenizer
 
 SAMPLES = [
     "",

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import loopformer.model
+from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.errors import InputError, TrainingError
-from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics
 from loopformer.training.trainer import Trainer

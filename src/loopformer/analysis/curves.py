@@ -11,7 +11,7 @@ import torch
 from loopformer.evaluation.perplexity import evaluate_depths
 from loopformer.tasks.base import Example
 from loopformer.tasks.evaluate import evaluate_task
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 
 @dataclass

@@ -53,7 +53,7 @@ def final_states(
         e = model.embed(ids, ctx)
         for seed in seeds:
             generator = torch.Generator(device=ids.device).manual_seed(int(seed))
-            state, _ = model.recur(model.init_state(e, generator), e, ctx, loops)
+            state = model.recur(model.init_state(e, generator), e, ctx, loops).state
             finals.append(state.float().cpu())
     return torch.stack(finals)
 

@@ -19,10 +19,10 @@ from loopformer.cli.arguments import parse_steps
 from loopformer.errors import InputError
 from loopformer.inference.chat import encode_prompt
 from loopformer.inference.exits import parse_exit_rule
+from loopformer.loading import load_trained_model
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.encoding import TaskEncoder
-from loopformer.training.checkpoint import load_trained_model
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 
 def _token_text(tokenizer: TextTokenizer, token: int) -> str:

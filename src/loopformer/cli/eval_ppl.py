@@ -11,11 +11,11 @@ import torch
 from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_steps
 from loopformer.errors import InputError
 from loopformer.evaluation.perplexity import evaluate_depths, format_depth_table
-from loopformer.training.checkpoint import load_trained_model
+from loopformer.loading import load_trained_model
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import document_mask, fixed_eval_batches
 from loopformer.training.pipeline import prepare_data
-from loopformer.training.tokenizer import TextTokenizer
 
 
 def run(args: argparse.Namespace) -> int:

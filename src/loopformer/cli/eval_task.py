@@ -15,11 +15,11 @@ from pathlib import Path
 from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_steps
 from loopformer.cli.generation_args import add_exit_arguments, exit_rule
 from loopformer.errors import InputError
+from loopformer.loading import load_trained_model
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.evaluate import evaluate_task, evaluate_task_exits, format_accuracy_table, format_exit_table
 from loopformer.tasks.jsonl import read_task_file
-from loopformer.training.checkpoint import load_trained_model
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,9 +13,9 @@ from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.exits import ExitRule, parse_exit_rule
 from loopformer.inference.memory_file import load_memory_file
 from loopformer.inference.sampling import SamplingConfig
+from loopformer.loading import load_trained_model
 from loopformer.nn.memory import NO_PATHWAY
-from loopformer.training.checkpoint import load_trained_model
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

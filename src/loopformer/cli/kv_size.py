@@ -10,12 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
+from loopformer.checkpoint import load_model_config
 from loopformer.cli.arguments import parse_steps
 from loopformer.errors import InputError
 from loopformer.inference.cache import cache_bytes, parse_slot_policy
 from loopformer.presets import get_preset
 from loopformer.table import format_table
-from loopformer.training.checkpoint import load_model_config
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

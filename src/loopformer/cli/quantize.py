@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from loopformer.cli.arguments import add_checkpoint_argument
+from loopformer.loading import load_trained_model
 from loopformer.quant import QuantScheme, directory_bytes, save_quantized
 from loopformer.table import format_table
-from loopformer.training.checkpoint import load_trained_model
 
 MIB = 2**20
 

@@ -12,11 +12,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.config import ModelConfig, RecurrenceConfig, read_config_file
 from loopformer.errors import ConfigError
 from loopformer.presets import PRESETS, get_preset
 from loopformer.tasks.builtin import TASKS
-from loopformer.training.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.training.config import TrainConfig
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "recurrence": RecurrenceConfig, "train": TrainConfig}

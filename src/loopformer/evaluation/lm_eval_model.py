@@ -37,9 +37,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from loopformer.errors import InputError
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.sampling import SamplingConfig
+from loopformer.loading import load_trained_model
 from loopformer.model import LoopLM
-from loopformer.training.checkpoint import load_trained_model
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256
 LOG = logging.getLogger(__name__)

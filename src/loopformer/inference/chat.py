@@ -1,4 +1,4 @@
-"""The chat format, built from the tokenizer's :class:`~loopformer.training.tokenizer.TokenRoles`.
+"""The chat format, built from the tokenizer's :class:`~loopformer.tokenizer.TokenRoles`.
 
 With our roles:
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loopformer.errors import InputError
-from loopformer.training.tokenizer import CHAT_ROLES, TextTokenizer
+from loopformer.tokenizer import CHAT_ROLES, TextTokenizer
 
 ROLES = CHAT_ROLES
 

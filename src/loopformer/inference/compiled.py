@@ -14,9 +14,12 @@ iterations, so the whole token is one call whose elementwise work is fused into 
   graph is compiled once per loop count, history length bucket, slot count and batch of one or more. Static shapes
   matter: with a dynamic sequence length the compiled kernels ran slower in an (unrecorded) exploratory check.
 
-It applies to passes the eager engine would run at a fixed depth over one new token per row, for models whose core
-iteration does not depend on its index (no per-loop LoRA, learned or sinusoidal loop embedding, MoE router slots,
-or ACT halting head) and that read no memory vectors. :func:`compile_blocker` names what rules a model out.
+* the iteration index is data the ``scan`` carries (a 0-d tensor per iteration), so the per-loop parameters (LoRA
+  adapters, a learned or sinusoidal loop embedding, MoE router biases) are selected inside the graph; MoE layers run
+  every expert on the pass's few tokens with zero gates for the unselected ones (static shapes).
+
+It applies to passes the eager engine would run at a fixed depth over one new token per row (memory vectors
+included), for models without an ACT halting head. :func:`compile_blocker` names what rules a model out.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from loopformer.hardware import has_cxx_compiler
 from loopformer.inference.cache import KVCache, KVPass, SlotPolicy
 from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
+from loopformer.nn.memory import Memory
 from loopformer.quant.tensor import QuantizedWeight
 
 # graphs one decoder may hold: loop counts x history widths (powers of two) x batch of 1 or more x slot policies
@@ -42,16 +46,8 @@ Entries = tuple[torch.Tensor, torch.Tensor]  # (keys, values) of every layer of 
 
 def compile_blocker(model: LoopLM) -> str | None:
     """Why ``model`` cannot use compiled decoding (None when it can)."""
-    cfg = model.config
-    reasons = {
-        "per-loop LoRA adapters": cfg.lora_rank > 0,
-        "a loop-index embedding": cfg.loop_embedding != "none",
-        "mixture-of-experts layers": cfg.moe_routed > 0,
-        "an ACT halting head": model.halting is not None,
-    }
-    found = [name for name, present in reasons.items() if present]
-    if found:
-        return f"compiled decoding needs a core iteration that does not depend on its index; this model has {found[0]}."
+    if model.halting is not None:
+        return "compiled decoding does not run ACT halting (its mixture over iterations); decode without compile."
     if any(isinstance(b, QuantizedWeight) and b.data_.bits == 4 for b in model.buffers()):
         return (
             "compiled decoding does not support int4 weights (Inductor cannot build their kernel); decode them "
@@ -112,28 +108,34 @@ class CompiledDecoder:
         mask: torch.Tensor,
         history: dict[str, Entries],
         slots: torch.Tensor,
+        memory: tuple[torch.Tensor, torch.Tensor | None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Entries]]:
-        """logits, final state and the new entries of every role ([layers, b, H, D]; core: [loops, layers, ...])."""
+        """logits, final state and the new entries of every role ([layers, b, H, D]; core: [loops, layers, ...]);
+        ``memory``: the rows' (vectors, mask)."""
         from torch._higher_order_ops.scan import scan
 
         model, cfg = self.model, self.model.config
         exchange = TracedExchange(history)
         ctx = AttentionContext(*rope, mask, exchange, tables=rope)  # only the tables are read
-        e = model.embed(ids, ctx)
+        e = model.embed(ids, ctx, None if memory is None else Memory(*memory))
 
-        def iteration(state: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, Entries]:
+        def iteration(state: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Entries]:
+            slot, index = xs
             own = TracedExchange(history, slot.view(1))  # a scan body may not mutate objects from outside it
-            state = model.step(state, e, 0, replace(ctx, cache=own))  # the index only picks per-loop parameters
+            state = model.step(state, e, index, replace(ctx, cache=own))
             return state, _written(own, "core", cfg.n_core)
 
-        state, core = scan(iteration, state, slots)
+        state, core = scan(iteration, state, (slots, torch.arange(len(slots), device=slots.device)))
         logits = model.decode(state, ctx)
         written = {"prelude": _written(exchange, "prelude", cfg.n_prelude), "core": core}
         written["coda"] = _written(exchange, "coda", cfg.n_coda)
         return logits, state, written
 
-    def run(self, kv: KVPass, ids: torch.Tensor, state: torch.Tensor, loops: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of ``ids`` [b, 1] at ``loops`` iterations through an open cache pass; returns (logits, state).
+    def run(
+        self, kv: KVPass, ids: torch.Tensor, state: torch.Tensor, loops: int, memory: Memory | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of ``ids`` [b, 1] at ``loops`` iterations through an open cache pass (``memory``: the rows' memory
+        vectors); returns (logits, state).
 
         The pass's rows must not read entries of tokens that ran fewer than ``loops`` iterations (no early-exit
         fallback is compiled); the caller checks :func:`reads_full_depth`. The history is read padded to a
@@ -147,13 +149,14 @@ class CompiledDecoder:
         positions = cache.positions[rows[:, None], kv.columns]
         rope = AttentionContext.for_positions(self.model.config, positions).tables  # outside: no inlined cos / sin
         slots, written_slots, last_iterations = _slot_plan(cache.policy, loops, ids.device)
-        for tensor in (ids, *rope, state, mask):
+        vectors = None if memory is None else (memory.vectors, memory.mask)
+        for tensor in (ids, *rope, state, mask, *(t for t in vectors or () if t is not None)):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         for keys, values in history.values():
             torch._dynamo.maybe_mark_dynamic(keys, keys.dim() - 4)
             torch._dynamo.maybe_mark_dynamic(values, values.dim() - 4)
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=RECOMPILE_LIMIT):
-            logits, state, written = self._fn(ids, rope, state, mask, history, slots)
+            logits, state, written = self._fn(ids, rope, state, mask, history, slots, vectors)
         _store(cache, rows, column, written, written_slots, last_iterations)
         return logits, state
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from loopformer.errors import InputError
+from loopformer.model import LoopLM
+from loopformer.nn.attention import AttentionContext
 from loopformer.nn.halting import ACT, ACT_THRESHOLD, HaltingHead
 
 EXIT_CRITERIA: dict[str, float] = {
@@ -303,3 +305,35 @@ class ExitTracker:
 def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
     p = log_probs.exp()
     return -torch.where(p > 0, p * log_probs, torch.zeros_like(p)).sum(dim=-1)
+
+
+class RowExitRule:
+    """The :class:`~loopformer.model.RowExits` of a decoding pass: an exit rule, per-row loop budgets, or both.
+
+    After iteration t a row leaves when its ``budget`` (a [b] tensor of loop counts, continuous batching) is t, or
+    when ``rule`` fires for it (checked from ``min_steps - 1`` on, the iteration before the first allowed exit giving
+    the rule its previous value; every iteration with an ACT head, whose mixture accumulates). Rules on the logits
+    decode the state at each checked iteration.
+    """
+
+    def __init__(self, model: LoopLM, rule: ExitRule | None, budget: torch.Tensor | None = None) -> None:
+        self.model, self.rule, self.budget = model, rule, budget
+        self.tracker = None if rule is None else ExitTracker(rule, halting=model.halting)
+
+    def fired(self, step: int, state: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        fired = None if self.budget is None else self.budget == step
+        tracker = self.tracker
+        if tracker is not None and (step + 1 >= self.rule.min_steps or self.model.halting is not None):
+            logits = self.model.decode(state, ctx) if tracker.needs_logits else None  # (ACT mixes every iteration)
+            ruled = tracker.update(step, state, logits)[:, 0]
+            fired = ruled if fired is None else fired | ruled
+        return fired
+
+    def exit_state(self, step: int, state: torch.Tensor) -> torch.Tensor:
+        return state if self.tracker is None else self.tracker.exit_state(step, state)
+
+    def select(self, keep: torch.Tensor) -> None:
+        if self.budget is not None:
+            self.budget = self.budget[keep]
+        if self.tracker is not None:
+            self.tracker.select(keep)

@@ -24,7 +24,8 @@ import torch
 from loopformer.inference.sampling import next_token_probs, speculative_accept
 
 if TYPE_CHECKING:
-    from loopformer.inference.engine import Session, TokenEvent
+    from loopformer.inference.generation import TokenEvent
+    from loopformer.inference.session import Session
 
 
 def _emit(session: Session, rows: torch.Tensor, tokens: list[list[int]]) -> Iterator[TokenEvent]:
@@ -38,7 +39,7 @@ def _emit(session: Session, rows: torch.Tensor, tokens: list[list[int]]) -> Iter
 
 def speculative_events(session: Session) -> Iterator[TokenEvent]:
     """Run speculative rounds until every row has finished; sets ``session.acceptance_rate``."""
-    engine, cache, config = session.engine, session.cache, session.config
+    passes, cache, config = session.passes, session.cache, session.config
     draft_loops, lookahead = config.speculative
     sampling = config.sampling
     drafted = accepted_total = 0
@@ -56,8 +57,8 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
         drafts, draft_probs = [], []
         for j in range(lookahead):
             positions = (first_position + j)[:, None]
-            result = engine.run_pass(
-                cache, rows, token[:, None], positions, None, draft_loops, None, None, config, session.memory_of(rows)
+            result = passes.run(
+                cache, rows, token[:, None], positions, config=config, loops=draft_loops, memory=session.memory_of(rows)
             )
             cache.commit(rows, torch.ones_like(rows), result.steps)
             probs = next_token_probs(result.logits[:, 0].float(), sampling, torch.cat((history, *drafts), dim=1))
@@ -72,8 +73,8 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
         draft = torch.cat(drafts, dim=1)
         inputs = torch.cat((pending[rows][:, None], draft), dim=1)
         positions = first_position[:, None] + torch.arange(lookahead + 1, device=cache.device)
-        result = engine.run_pass(
-            cache, rows, inputs, positions, None, session.loops, None, None, config, session.memory_of(rows)
+        result = passes.run(
+            cache, rows, inputs, positions, config=config, loops=session.loops, memory=session.memory_of(rows)
         )
         target_probs = torch.stack(
             [

@@ -96,7 +96,7 @@ class LoopSession:
             raise InputError(f"the sequence has {input_ids.shape[1]} tokens, more than the context of {context}.")
         if self.session is None:
             real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            self.session = Session(engine, input_ids, real, _generation_config(options))
+            self.session = Session(engine.passes, input_ids, real, _generation_config(options))
         else:
             if input_ids.shape[1] != self.seen.shape[1] + 1 or not torch.equal(input_ids[:, :-1], self.seen):
                 raise InputError(

@@ -16,10 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from loopformer import __version__
+from loopformer.checkpoint import staged_directory
 from loopformer.interop.hf import LoopformerForCausalLM
 from loopformer.interop.tokenizer_files import write_tokenizer_files
-from loopformer.training.checkpoint import load_trained_model, staged_directory
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.loading import load_trained_model
+from loopformer.tokenizer import TextTokenizer
 
 SHIMS = {
     "configuration_loopformer.py": "LoopformerConfig",

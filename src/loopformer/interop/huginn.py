@@ -27,6 +27,13 @@ from typing import Any
 
 import torch
 
+from loopformer.checkpoint import (
+    TrainingState,
+    check_state_dict,
+    load_checkpoint,
+    staged_directory,
+    write_checkpoint_dir,
+)
 from loopformer.config import ModelConfig, RecurrenceConfig, read_text_file
 from loopformer.errors import ConfigError, InputError
 from loopformer.interop.shards import ShardedTensors, write_shards
@@ -39,14 +46,7 @@ from loopformer.interop.tokenizer_files import (
 )
 from loopformer.model import build_model
 from loopformer.nn.rope import rope_angles
-from loopformer.training.checkpoint import (
-    TrainingState,
-    check_state_dict,
-    load_checkpoint,
-    staged_directory,
-    write_checkpoint_dir,
-)
-from loopformer.training.tokenizer import TextTokenizer, TokenRoles
+from loopformer.tokenizer import TextTokenizer, TokenRoles
 
 MODEL_TYPE = "huginn_raven"
 ROPE_KEY = "freqs_cis"

@@ -13,7 +13,7 @@ from typing import Any
 
 from loopformer.config import atomic_write_text
 from loopformer.errors import InputError
-from loopformer.training.tokenizer import TokenRoles
+from loopformer.tokenizer import TokenRoles
 
 CONFIG = "tokenizer_config.json"
 ROLES_KEY = "loopformer_token_roles"

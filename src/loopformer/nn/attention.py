@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopformer.config import ModelConfig
+from loopformer.nn.depth import Slot
 from loopformer.nn.linear import LoopLinear
 from loopformer.nn.norm import RMSNorm
 from loopformer.nn.rope import rope_angles, rope_tables, rotate
@@ -120,7 +121,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: Slot = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         heads, qk_width = self.n_heads, self.split[0] + self.split[1]
         qkv = self.qkv(x, slot)

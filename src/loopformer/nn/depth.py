@@ -10,6 +10,10 @@ indices. Beyond them, ``loop_overflow`` decides:
 * ``off``: no per-loop parameters beyond the trained range (the shared weights alone).
 
 The sinusoidal embedding is a fixed function of i and is defined for every i.
+
+The loop index is a Python int in eager loops, or a 0-d integer tensor where a compiled graph carries it as data
+(the ``scan`` of :mod:`loopformer.inference.compiled`); a tensor slot of -1 then means "no per-loop parameters", and
+:func:`per_loop` turns either form into the parameters of the slot.
 """
 
 from __future__ import annotations
@@ -22,9 +26,18 @@ from torch import nn
 
 from loopformer.config import ModelConfig
 
+LoopIndex = int | torch.Tensor  # a Python int, or a 0-d integer tensor inside a compiled graph
+Slot = int | torch.Tensor | None  # None (or -1 as a tensor): no per-loop parameters
 
-def loop_slot(index: int, slots: int, policy: str) -> int | None:
-    """The per-loop parameter slot used at loop ``index`` (0-based), or None for "no adapter"."""
+
+def loop_slot(index: LoopIndex, slots: int, policy: str) -> Slot:
+    """The per-loop parameter slot used at loop ``index`` (0-based), or None for "no adapter" (-1 for a tensor)."""
+    if isinstance(index, torch.Tensor):
+        if policy == "reuse-last":
+            return index.clamp(max=slots - 1)
+        if policy == "cycle":
+            return index % slots
+        return torch.where(index < slots, index, -1)
     if index < slots:
         return index
     if policy == "reuse-last":
@@ -34,7 +47,19 @@ def loop_slot(index: int, slots: int, policy: str) -> int | None:
     return None
 
 
-def sinusoidal_loop_embedding(index: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+def per_loop(parameter: torch.Tensor, slot: Slot) -> torch.Tensor | None:
+    """``parameter[slot]`` (the first dimension indexes slots); None for no slot. A tensor slot selects inside the
+    graph, and slot -1 gives zeros (the "off" policy past the trained range), which makes every per-loop term
+    (an adapter, a loop embedding, a router bias) vanish."""
+    if slot is None:
+        return None
+    if not isinstance(slot, torch.Tensor):
+        return parameter[slot]
+    row = parameter.index_select(0, slot.clamp_min(0).reshape(1))[0]
+    return row * (slot >= 0).to(row.dtype)
+
+
+def sinusoidal_loop_embedding(index: LoopIndex, dim: int, device: torch.device | None = None) -> torch.Tensor:
     """Transformer-style sin/cos code of the loop index, [dim], values in [-1, 1]."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float64) / half)
@@ -62,9 +87,16 @@ class LoopEmbedding(nn.Module):
         else:
             self.register_parameter("table", None)
 
-    def forward(self, x: torch.Tensor, index: int, slot: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: LoopIndex, slot: Slot) -> torch.Tensor:
         if self.kind == "sinusoidal":
-            return x + self.scale * _cached_code(index, self.dim, x.device).to(x.dtype)
-        if self.kind == "learned" and slot is not None:
-            return x + self.scale * self.table[slot].to(x.dtype)
-        return x
+            code = _code(index, self.dim, x.device)
+            return x + self.scale * code.to(x.dtype)
+        row = per_loop(self.table, slot) if self.kind == "learned" else None
+        return x if row is None else x + self.scale * row.to(x.dtype)
+
+
+def _code(index: LoopIndex, dim: int, device: torch.device) -> torch.Tensor:
+    """The sinusoidal code of ``index``: cached for an int, computed in the graph for a tensor."""
+    if isinstance(index, torch.Tensor):
+        return sinusoidal_loop_embedding(index, dim, device)
+    return _cached_code(index, dim, device)

@@ -7,6 +7,7 @@ from torch import nn
 
 from loopformer.config import ModelConfig
 from loopformer.nn.attention import Attention, AttentionContext
+from loopformer.nn.depth import Slot
 from loopformer.nn.mla import MLA
 from loopformer.nn.mlp import SwiGLU
 from loopformer.nn.moe import MoE
@@ -40,7 +41,7 @@ class Layer(nn.Module):
         self.norm_2 = RMSNorm(config.dim, eps) if self.sandwich else None
         self.norm_4 = RMSNorm(config.dim, eps) if self.sandwich else None
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: Slot = None) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), ctx, slot)
         if self.sandwich:
             x = self.norm_2(x)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopformer.nn.depth import Slot, per_loop
+
 
 class LoopLinear(nn.Module):
     """``y = x W^T (+ x A_i^T B_i^T)`` where ``i`` is the loop slot of the current core iteration.
@@ -32,8 +34,8 @@ class LoopLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor, slot: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot: Slot = None) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if slot is not None and self.lora_a is not None:
-            y = y + F.linear(F.linear(x, self.lora_a[slot]), self.lora_b[slot])
+            y = y + F.linear(F.linear(x, per_loop(self.lora_a, slot)), per_loop(self.lora_b, slot))
         return y

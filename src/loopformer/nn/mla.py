@@ -24,12 +24,13 @@ from torch import nn
 
 from loopformer.config import ModelConfig
 from loopformer.nn.attention import DECODE_QUERIES, AttentionContext
+from loopformer.nn.depth import Slot, per_loop
 from loopformer.nn.linear import LoopLinear
 from loopformer.nn.norm import RMSNorm
 from loopformer.nn.rope import rotate
 
 
-def merged_weight(linear: LoopLinear, slot: int | None) -> torch.Tensor:
+def merged_weight(linear: LoopLinear, slot: Slot) -> torch.Tensor:
     """The weight ``linear`` applies at loop slot ``slot``, its LoRA adapter (if any) folded in, as a plain tensor
     that per-head views can be taken of (a tensor subclass such as a quantized weight is materialised first)."""
     weight = linear.weight
@@ -37,7 +38,7 @@ def merged_weight(linear: LoopLinear, slot: int | None) -> torch.Tensor:
         weight = weight.clone()
     if slot is None or linear.lora_a is None:
         return weight
-    return weight + linear.lora_b[slot] @ linear.lora_a[slot]
+    return weight + per_loop(linear.lora_b, slot) @ per_loop(linear.lora_a, slot)
 
 
 class MLA(nn.Module):
@@ -66,7 +67,7 @@ class MLA(nn.Module):
         self.out = LoopLinear(width, config.dim, lora_rank, lora_slots)
         self.cache_role: tuple[str, int] = ("prelude", 0)  # (part, index) of this layer, set by the model
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: Slot = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         tables = ctx.rope(self.rope_style)
         h = x if self.q_down is None else self.q_norm(self.q_down(x, slot))
@@ -92,7 +93,7 @@ class MLA(nn.Module):
         latent: torch.Tensor,
         rope_key: torch.Tensor,
         mask: torch.Tensor | None,
-        slot: int | None,
+        slot: Slot,
         causal: bool = False,
     ) -> torch.Tensor:
         """Attention with decompressed per-head keys and values.
@@ -117,7 +118,7 @@ class MLA(nn.Module):
         latent: torch.Tensor,
         rope_key: torch.Tensor,
         mask: torch.Tensor | None,
-        slot: int | None,
+        slot: Slot,
     ) -> torch.Tensor:
         """The same attention as :meth:`naive` (same arguments and result, ``mask`` [B, 1, T, S] or None) over
         the latents: ``W_uk`` folded into the queries, ``W_uv`` applied after attention. The query heads are

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopformer.nn.depth import Slot
 from loopformer.nn.linear import LoopLinear
 
 
@@ -15,6 +16,6 @@ class SwiGLU(nn.Module):
         self.fc = LoopLinear(dim, 2 * hidden, lora_rank, lora_slots)
         self.proj = LoopLinear(hidden, dim, lora_rank, lora_slots)
 
-    def forward(self, x: torch.Tensor, slot: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot: Slot = None) -> torch.Tensor:
         gate, up = self.fc(x, slot).chunk(2, dim=-1)
         return self.proj(F.silu(gate) * up, slot)

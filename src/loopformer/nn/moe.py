@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopformer.errors import InputError
+from loopformer.nn.depth import Slot, per_loop
 from loopformer.nn.linear import LoopLinear
 from loopformer.nn.mlp import SwiGLU
 
@@ -101,11 +102,11 @@ class MoE(nn.Module):
             f"shared={self.num_shared}, loop_slots={self.loop_slots}, bias_rate={self.bias_rate}"
         )
 
-    def _check_slot(self, slot: int | None) -> None:
-        if slot is not None and not 0 <= slot < self.loop_slots:
+    def _check_slot(self, slot: Slot) -> None:
+        if isinstance(slot, int) and not 0 <= slot < self.loop_slots:
             raise InputError(f"MoE slot must be None or in [0, {self.loop_slots}), got {slot}.")
 
-    def route(self, x: torch.Tensor, slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, slot: Slot = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routing of tokens ``x [N, dim]``: ``(experts [N, top_k], weights [N, top_k], scores [N, routed])``.
 
         Computed in fp32 (outside autocast); ``weights`` are differentiable, ``experts`` are not.
@@ -113,8 +114,9 @@ class MoE(nn.Module):
         self._check_slot(slot)
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())
-            if slot is not None:
-                logits = logits + self.loop_bias[slot].float()
+            bias = per_loop(self.loop_bias, slot)
+            if bias is not None:
+                logits = logits + bias.float()
             scores = torch.sigmoid(logits)
             biased = scores.detach() + self.balance_bias.float()
             experts = torch.topk(biased, self.top_k, dim=-1).indices
@@ -122,12 +124,14 @@ class MoE(nn.Module):
             weights = selected / selected.sum(-1, keepdim=True)
         return experts, weights, scores
 
-    def forward(self, x: torch.Tensor, slot: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot: Slot = None) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise InputError(f"MoE expects inputs with last dimension {self.dim}, got shape {tuple(x.shape)}.")
         flat = x.reshape(-1, self.dim)
         n = flat.shape[0]
         experts, weights, scores = self.route(flat, slot)
+        if torch.compiler.is_compiling():
+            return self._every_expert(flat, experts, weights).reshape(*x.shape[:-1], self.dim)
 
         # (token, expert) assignments sorted by expert: every expert runs once on a contiguous block
         assigned = experts.reshape(-1)
@@ -166,6 +170,20 @@ class MoE(nn.Module):
         else:
             self.last_aux = scores.new_ones(())
         return result
+
+    def _every_expert(self, flat: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed output with static shapes (for compiled graphs, which cannot group tokens by a data-dependent
+        count): every expert runs on every token and the unselected ones get gate 0. In the sum the terms come in the
+        same expert order as the grouped loop's, so the result matches it; costs routed / top_k times the expert
+        compute, which decoding's few tokens per pass can afford. Records no load statistics (inference only)."""
+        gates = torch.zeros(flat.shape[0], self.routed, device=flat.device).scatter(1, experts, weights.float())
+        out = torch.zeros(flat.shape[0], self.dim, device=flat.device)
+        for e in range(self.routed):
+            gate, up = F.linear(flat, self.fc[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.proj[e])
+            out = out + y.float() * gates[:, e, None]
+        routed = out.to(y.dtype)
+        return routed if self.shared is None else routed + self.shared(flat)
 
     @torch.no_grad()
     def update_balance(self, load: torch.Tensor | None = None) -> None:

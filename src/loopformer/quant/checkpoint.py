@@ -6,7 +6,7 @@ name and dtype. ``trainer.json`` notes the scheme under ``meta["quantization"]``
 
     {"scheme": {"bits": 4, "group_size": 64, "embedding": true}, "tensors": [...names...], "source": "..."}
 
-:func:`loopformer.training.checkpoint.load_trained_model` sees the note and calls :func:`build_quantized_model`,
+:func:`loopformer.loading.load_trained_model` sees the note and calls :func:`build_quantized_model`,
 so every command that loads a checkpoint (generate, chat, eval-ppl, eval-task, eval, serve) takes a quantized one.
 """
 
@@ -16,11 +16,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from loopformer.checkpoint import TrainingState, check_state_dict, write_checkpoint_dir
 from loopformer.errors import InputError
 from loopformer.model import LoopLM, build_model
 from loopformer.quant.model import install, quantizable_names, quantize_model, quantized_state
 from loopformer.quant.scheme import QuantScheme, from_tensors, stored_shapes
-from loopformer.training.checkpoint import TrainingState, check_state_dict, write_checkpoint_dir
 
 QUANTIZATION_KEY = "quantization"
 

@@ -1,12 +1,13 @@
 """A lane: rows that share one preallocated KV cache and run their decoding passes together.
 
-Rows join a lane (their prompt is prefilled into a free cache row, see :class:`~loopformer.inference.engine.Session`)
-and leave it between passes. One pass feeds every live row its next token at once, whatever its loop count: the
-pass runs the deepest row's count and every other row leaves it after its own (``budget`` in
-:meth:`Engine.run_pass`), through the same compaction that early exits use, so each row computes exactly what it
-would compute alone. What must be equal within a lane is what a pass or a cache takes once: the KV slot policy,
-the exit rule, the initial-state seed, compaction, and (ACT models without an exit rule, whose fixed-depth passes
-decode the halting mixture) the loop count; :func:`lane_key` collects them.
+Rows join a lane (their prompt is prefilled into a free cache row, see
+:class:`~loopformer.inference.session.Session`) and leave it between passes. One pass feeds every live row its next
+token at once, whatever its loop count: the pass runs the deepest row's count and every other row leaves it after its
+own (``budget`` in :meth:`PassRunner.run <loopformer.inference.passes.PassRunner.run>`), through the same compaction
+that early exits use, so each row computes exactly what it would compute alone. What must be equal within a lane is
+what a pass or a cache takes once: the KV slot policy, the exit rule, the initial-state seed, compaction, and (ACT
+models without an exit rule, whose fixed-depth passes decode the halting mixture) the loop count; :func:`lane_key`
+collects them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from loopformer.inference.cache import KVCache
-from loopformer.inference.engine import Engine, GenerationConfig, PassResult, Session
+from loopformer.inference.engine import Engine
+from loopformer.inference.generation import GenerationConfig
+from loopformer.inference.passes import PassResult
+from loopformer.inference.session import Session
 from loopformer.nn.memory import Memory
 
 FIRST_ROWS = 2  # cache rows of a new lane
@@ -60,7 +64,7 @@ class Lane:
             config.kv,
             max_steps=max_loops,
             device=engine.device,
-            dtype=engine.state_dtype,
+            dtype=engine.passes.state_dtype,
         )
         self.free = list(range(FIRST_ROWS))
 
@@ -79,7 +83,9 @@ class Lane:
         try:
             self.cache.truncate(slots, torch.zeros_like(slots))
             ids = torch.tensor([prompt], device=self.cache.device)
-            return Session(self.engine, ids, torch.ones_like(ids, dtype=torch.bool), config, memory, self.cache, slots)
+            return Session(
+                self.engine.passes, ids, torch.ones_like(ids, dtype=torch.bool), config, memory, self.cache, slots
+            )
         except BaseException:
             self.free.insert(0, slot)
             raise
@@ -96,18 +102,16 @@ class Lane:
         deepest = max(loops)
         budget = None if min(loops) == deepest else torch.tensor(loops, device=slots.device)
         memory = stack_memory([session.memory for session in sessions], self.engine.model.config.memory_dim)
-        result = self.engine.run_pass(
+        result = self.engine.passes.run(
             self.cache,
             slots,
             tokens[:, None],
             self.cache.next_positions(slots)[:, None],
-            None,
-            deepest,
-            self.config.exit,
-            None,
-            self.config,
-            memory,
-            budget,
+            config=self.config,
+            loops=deepest,
+            rule=self.config.exit,
+            memory=memory,
+            budget=budget,
         )
         self.cache.commit(slots, torch.ones_like(slots), result.steps)
         first = torch.zeros(1, dtype=torch.long, device=slots.device)

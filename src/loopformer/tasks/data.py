@@ -25,9 +25,9 @@ from loopformer.tasks.base import Example, Task
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.encoding import TaskEncoder, alphabet_of, task_tokenizer
 from loopformer.tasks.jsonl import read_task_file
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import Batch, BatchSampler
-from loopformer.training.tokenizer import TextTokenizer
 
 
 def parse_difficulty_range(text: str, what: str = "task_difficulty") -> tuple[int, int]:

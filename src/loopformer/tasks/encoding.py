@@ -24,8 +24,8 @@ import torch
 
 from loopformer.errors import InputError
 from loopformer.tasks.base import Example
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.data import Batch
-from loopformer.training.tokenizer import TextTokenizer
 
 IGNORE_INDEX = -100
 

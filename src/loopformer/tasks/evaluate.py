@@ -19,8 +19,8 @@ from loopformer.inference.exits import ExitRule
 from loopformer.table import format_table
 from loopformer.tasks.base import Example
 from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.data import Batch
-from loopformer.training.tokenizer import TextTokenizer
 
 
 def evaluate_task(

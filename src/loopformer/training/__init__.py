@@ -1,1 +1,1 @@
-"""Training: data pipeline, optimiser, checkpoints, metrics and the trainer."""
+"""Training: data pipeline, optimiser, metrics and the trainer (the checkpoint format: :mod:`loopformer.checkpoint`)."""

@@ -28,7 +28,7 @@ import torch
 
 from loopformer.config import atomic_write_text, read_jsonl_records, read_text_file
 from loopformer.errors import ConfigError, InputError
-from loopformer.training.tokenizer import TextTokenizer
+from loopformer.tokenizer import TextTokenizer
 
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}

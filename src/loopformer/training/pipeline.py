@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import (
     Batch,
@@ -23,7 +24,6 @@ from loopformer.training.data import (
     split_documents,
     tokenize_documents,
 )
-from loopformer.training.tokenizer import TextTokenizer
 
 Log = Callable[[str], None]
 

@@ -29,16 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from loopformer.config import ModelConfig
-from loopformer.errors import InputError, TrainingError
-from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
-from loopformer.flops import training_flops_per_token
-from loopformer.hardware import DtypeChoice, resolve_dtype
-from loopformer.model import LoopLM, build_model
-from loopformer.nn.halting import penalty_scale
-from loopformer.recurrence import sample_depth, sample_depths
-from loopformer.tasks.data import TaskData, prepare_task_data
-from loopformer.training.checkpoint import (
+from loopformer.checkpoint import (
     TrainingState,
     adds_halting_head,
     capture_rng,
@@ -48,13 +39,22 @@ from loopformer.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from loopformer.config import ModelConfig
+from loopformer.errors import InputError, TrainingError
+from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
+from loopformer.flops import training_flops_per_token
+from loopformer.hardware import DtypeChoice, resolve_dtype
+from loopformer.model import LoopLM, build_model
+from loopformer.nn.halting import penalty_scale
+from loopformer.recurrence import sample_depth, sample_depths
+from loopformer.tasks.data import TaskData, prepare_task_data
+from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import Batch, document_mask
 from loopformer.training.distributed import init_distributed, shutdown, wrap_model
 from loopformer.training.metrics import MetricsLogger, ProgressBar, measure_matmul_peak
 from loopformer.training.optim import EMA, build_optimizer, learning_rate, set_learning_rate
 from loopformer.training.pipeline import PreparedData, prepare_data
-from loopformer.training.tokenizer import TextTokenizer
 
 VOCAB_MULTIPLE = 64  # the embedding / head rows are padded to a multiple of this for matmul efficiency
 
