@@ -116,15 +116,15 @@ class PassRunner:
             fixed_depth = rule is None and budget is None
             if config.compile and fixed_depth and ids.shape[1] == 1 and reads_full_depth(kv, loops):
                 logits, state = self.compiled().run(kv, ids, state, loops, memory)
-                return self._result(logits, state, torch.full(ids.shape, loops, dtype=torch.long, device=ids.device))
+                return self._result(logits, state, _fixed_steps(ids, loops))
             ctx = AttentionContext.for_positions(model.config, positions, kv.mask, kv)
             e = model.embed(ids, ctx, memory)
-            if rule is None and budget is None:
+            if fixed_depth:
                 act = model.act(loops)
                 state = model.recur(state, e, ctx, loops, on_state=act).state
                 if act is not None:  # an ACT model decodes its halting mixture, capped at the loop budget
                     state = act.latest
-                steps = torch.full(ids.shape, loops, dtype=torch.long, device=ids.device)
+                steps = _fixed_steps(ids, loops)
             else:
                 if ids.shape[1] != 1:
                     raise InputError("early exit runs on single-token passes (decoding); prefill uses a fixed depth.")
@@ -148,3 +148,8 @@ class PassRunner:
         if self._compiled is None:
             self._compiled = CompiledDecoder(self.model)
         return self._compiled
+
+
+def _fixed_steps(ids: torch.Tensor, loops: int) -> torch.Tensor:
+    """The iterations of every token of a fixed-depth pass: ``loops`` each, shaped like ``ids``."""
+    return torch.full(ids.shape, loops, dtype=torch.long, device=ids.device)

@@ -148,8 +148,7 @@ class MoE(nn.Module):
                 continue
             end = start + count
             idx = tokens[start:end]
-            gate, up = F.linear(flat[idx], self.fc[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.proj[e])
+            y = self._expert(e, flat[idx])
             if out is None:  # accumulate in at least fp32, whatever autocast chose for the experts
                 out_dtype = y.dtype
                 out = torch.zeros(n, self.dim, dtype=torch.promote_types(y.dtype, torch.float32), device=x.device)
@@ -171,6 +170,11 @@ class MoE(nn.Module):
             self.last_aux = scores.new_ones(())
         return result
 
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Routed expert ``e`` (a SwiGLU) on tokens ``x`` [n, dim]."""
+        gate, up = F.linear(x, self.fc[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.proj[e])
+
     def _every_expert(self, flat: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed output with static shapes (for compiled graphs, which cannot group tokens by a data-dependent
         count): every expert runs on every token and the unselected ones get gate 0. In the sum the terms come in the
@@ -179,8 +183,7 @@ class MoE(nn.Module):
         gates = torch.zeros(flat.shape[0], self.routed, device=flat.device).scatter(1, experts, weights.float())
         out = torch.zeros(flat.shape[0], self.dim, device=flat.device)
         for e in range(self.routed):
-            gate, up = F.linear(flat, self.fc[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.proj[e])
+            y = self._expert(e, flat)
             out = out + y.float() * gates[:, e, None]
         routed = out.to(y.dtype)
         return routed if self.shared is None else routed + self.shared(flat)
