@@ -72,7 +72,7 @@ PARITY: dict[str, dict[str, Any]] = {
     "vector-parity": {
         "model": {
             "sliding_window": None,
-            "recurrence": RecurrenceConfig(mean_steps=8, backprop_depth=4),
+            "recurrence": RecurrenceConfig(mean_loops=8, backprop_loops=4),
             **HALTING,
             "ponder_cost": 1e-2,
             "halting_warmup_steps": 300,
@@ -87,7 +87,7 @@ PARITY: dict[str, dict[str, Any]] = {
         "train": {},
         "steps": 880,
         "head": {
-            "model": {**HALTING, "ponder_cost": 1e-2, "recurrence": RecurrenceConfig(sampler="fixed", mean_steps=24)},
+            "model": {**HALTING, "ponder_cost": 1e-2, "recurrence": RecurrenceConfig(sampler="fixed", mean_loops=24)},
             "train": {"batch_size": 64, "lr": 1e-2, "warmup_steps": 20, "ema_decay": 0.0, "trainable": ("halting",)},
             "steps": 400,
             "inputs": ("state", "state+change"),
@@ -120,7 +120,7 @@ def corpus_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         eval_every=0,
         save_every=0,
         log_every=25,
-        eval_depths=(model_config.recurrence.mean_steps,),
+        eval_loops=(model_config.recurrence.mean_loops,),
         eval_batches=2,
         seed=args.seed,
         device="cpu",
@@ -134,13 +134,13 @@ def corpus_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     rows = torch.cat([b.input_ids for b in trainer.val_batches])[: args.lm_rows]
     labels = torch.cat([b.labels for b in trainer.val_batches])[: args.lm_rows]
     with torch.no_grad():
-        forward = model(rows, num_steps=budget, labels=labels, seed=args.seed)
+        forward = model(rows, loops=budget, labels=labels, seed=args.seed)
     halting = forward.halting
     engine = Engine(model, trainer.data.tokenizer)
     scored: dict[str, dict[str, float]] = {}
     for loops, rule in [(budget, "act"), *((r, None) for r in range(1, budget + 1))]:
         scores = engine.score(rows, GenerationConfig(loops=loops, exit=rule, state_seed=args.seed))
-        fed = scores.steps[:, 1:]  # the first token is prefilled at the full budget
+        fed = scores.loops[:, 1:]  # the first token is prefilled at the full budget
         key = f"act:{budget}" if rule else f"fixed:{loops}"
         scored[key] = {
             "loss": round(-float(scores.log_probs.double().mean()), 4),
@@ -151,7 +151,7 @@ def corpus_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     act = scored[f"act:{budget}"]
     equal = max(1, round(act["mean_loops"]))
     trajectory = [
-        {k: r[k] for k in ("step", "loss", "depth", "halt_steps", "expected_loops", "ponder")}
+        {k: r[k] for k in ("step", "loss", "loops", "halt_steps", "expected_loops", "ponder")}
         for r in read_metrics(out / "corpus" / "metrics.jsonl", "train")
     ]
     return {
@@ -187,7 +187,7 @@ def parity_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         task_curriculum_steps=curriculum,
         steps=args.parity_steps,
         warmup_steps=min(recipe.train.warmup_steps, args.parity_steps // 10),
-        eval_depths=(model_config.recurrence.mean_steps,),
+        eval_loops=(model_config.recurrence.mean_loops,),
         seed=args.seed,
     )
     report: dict[str, Any] = {"task": args.parity_task, "budget": args.budget, "count": args.count}
@@ -211,7 +211,7 @@ def parity_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             steps=args.head_steps or spec["head"]["steps"],
             init_from=str(base),
             init_from_ema=True,
-            eval_depths=(head_model.recurrence.mean_steps,),
+            eval_loops=(head_model.recurrence.mean_loops,),
             seed=args.seed,
         )
         run_dir = out / f"head-{halting_input.replace('+', '-')}"
@@ -226,7 +226,7 @@ def parity_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def trained_run(trainer: Trainer, train: TrainConfig, run_dir: Path, seconds: float) -> dict[str, Any]:
     """The configs, size, length and loss / halting trajectory of a finished training run."""
     trajectory = [
-        {k: r.get(k) for k in ("step", "loss", "depth", "halt_steps", "expected_loops", "ponder")}
+        {k: r.get(k) for k in ("step", "loss", "loops", "halt_steps", "expected_loops", "ponder")}
         for r in read_metrics(run_dir / "metrics.jsonl", "train")
     ]
     return {

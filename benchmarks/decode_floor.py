@@ -81,7 +81,7 @@ def matmul_floor_per_layer_product(model: LoopLM, repeats: int) -> float:
 def iteration_time(model: LoopLM, context: int, repeats: int) -> float:
     """Microseconds of ``model.step`` for one new token attending to ``context`` cached tokens."""
     cfg = model.config
-    cache = KVCache(cfg, 1, context + 1, "full", max_steps=1)
+    cache = KVCache(cfg, 1, context + 1, "full", max_loops=1)
     rows = torch.arange(1)
     cache.lengths[:] = context
     cache.valid[:, :context] = True

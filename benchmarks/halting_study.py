@@ -51,7 +51,7 @@ TASKS = ("vector-parity-sparse", "vector-parity")
 # Full attention on the recipe's 1-8 leaves the ln 2 plateau after about 300 steps and reaches 100% on
 # difficulties <= 8.
 MODEL_CHANGES: dict[str, dict[str, Any]] = {
-    "vector-parity": {"sliding_window": None, "recurrence": RecurrenceConfig(mean_steps=8, backprop_depth=4)},
+    "vector-parity": {"sliding_window": None, "recurrence": RecurrenceConfig(mean_loops=8, backprop_loops=4)},
 }
 TRAIN_CHANGES: dict[str, dict[str, Any]] = {"vector-parity": {"batch_size": 64}}
 
@@ -102,8 +102,8 @@ def trace(model: torch.nn.Module, batch: Any, rules: list[ExitRule], args: argpa
             tracker.update(step, latest[0], logits)
 
     with torch.inference_mode():
-        model(batch.input_ids, num_steps=args.max_loops, seed=args.seed, on_state=remember, on_output=visit)
-    return correct, [tracker.first_exit for tracker in trackers]  # every row exits by max_steps = max_loops
+        model(batch.input_ids, loops=args.max_loops, seed=args.seed, on_state=remember, on_output=visit)
+    return correct, [tracker.first_exit for tracker in trackers]  # every row exits by max_loops = max_loops
 
 
 def study(model: torch.nn.Module, encoder: TaskEncoder, rules: list[ExitRule], args: argparse.Namespace) -> dict:
@@ -240,9 +240,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     try:
         args = parse_args()
-        rules = [ExitRule(name, threshold, max_steps=args.max_loops) for name, threshold in EXIT_CRITERIA.items()]
+        rules = [ExitRule(name, threshold, max_loops=args.max_loops) for name, threshold in EXIT_CRITERIA.items()]
         for text in args.exit:
-            rule = parse_exit_rule(text, max_steps=args.max_loops)
+            rule = parse_exit_rule(text, max_loops=args.max_loops)
             if rule.label not in {r.label for r in rules}:
                 rules.append(rule)
         started = time.perf_counter()
@@ -252,7 +252,7 @@ def main() -> None:
         if run is None:
             run, training = train(args)
         model, state, directory = load_trained_model(run, use_ema=True)
-        act = parse_exit_rule("act", max_steps=args.max_loops)
+        act = parse_exit_rule("act", max_loops=args.max_loops)
         if model.halting is not None and act.label not in {r.label for r in rules}:  # next to the zero-shot ones
             rules.insert(0, act)
         task = (state.meta.get("train_config") or {}).get("task")

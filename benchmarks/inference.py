@@ -259,7 +259,7 @@ def measure_exits(engine: Engine, ids: torch.Tensor, rules: list[ExitRule]) -> t
                 "criterion": rule.criterion,
                 "threshold": rule.threshold,
                 "default_threshold": rule.threshold == EXIT_CRITERIA[rule.criterion],
-                "mean_steps": round(steps, 3),
+                "mean_loops": round(steps, 3),
                 "steps_saved": round(1 - steps / LOOPS, 4),
                 "perplexity": rounded(ppl),
                 "ppl_change": rounded(change, 5),
@@ -278,7 +278,7 @@ def measure_exits(engine: Engine, ids: torch.Tensor, rules: list[ExitRule]) -> t
         "loops": LOOPS,
         "rows_scored": ids.shape[0],
         "tokens_per_row": ids.shape[1],
-        "no_exit": {"perplexity": rounded(base_ppl), "mean_steps": round(base_steps, 3)},
+        "no_exit": {"perplexity": rounded(base_ppl), "mean_loops": round(base_steps, 3)},
         "max_ppl_change": MAX_PPL_CHANGE,
         "rows": rows,
         "best": best["rule"] if best else None,
@@ -339,7 +339,7 @@ def measure_task(path: Path, args: argparse.Namespace, sizes: Sizes, rules: list
                     step_sum += int(steps[:, 1:].sum())
                     step_count += steps[:, 1:].numel()
             accuracy = correct / scored if scored else math.nan
-            mean_steps = step_sum / step_count
+            mean_loops = step_sum / step_count
             baseline = accuracy if baseline is None else baseline
             results.append(
                 {
@@ -347,11 +347,11 @@ def measure_task(path: Path, args: argparse.Namespace, sizes: Sizes, rules: list
                     "rule": label,
                     "accuracy": rounded(accuracy),
                     "accuracy_change": rounded(accuracy - baseline),
-                    "mean_steps": round(mean_steps, 3),
-                    "steps_saved": round(1 - mean_steps / LOOPS, 4),
+                    "mean_loops": round(mean_loops, 3),
+                    "steps_saved": round(1 - mean_loops / LOOPS, 4),
                 }
             )
-            progress("task", f"{task.difficulty_name} {difficulty}, {label}: {accuracy:.1%} at {mean_steps:.2f} it/tok")
+            progress("task", f"{task.difficulty_name} {difficulty}, {label}: {accuracy:.1%} at {mean_loops:.2f} it/tok")
     return {
         "checkpoint": str(directory),
         "parameters": model.num_parameters(),
@@ -451,14 +451,14 @@ def measure_compaction(engine: Engine, prompts: list[list[int]], rule: ExitRule,
                 "seconds_median": round(median, 4),
                 "seconds": [round(s, 4) for s in seconds],
                 "tokens_per_s": round(result.new_tokens / median, 2),
-                "mean_steps": round(counted.mean_steps, 3),
+                "mean_loops": round(counted.mean_loops, 3),
                 "core_rows": counter.rows,
                 "core_row_tokens": counter.row_tokens,
             }
         )
         progress(
             "compaction",
-            f"{name}: {median:.3f} s, {counted.mean_steps:.2f} iterations/token, {counter.rows:,} core rows",
+            f"{name}: {median:.3f} s, {counted.mean_loops:.2f} iterations/token, {counter.rows:,} core rows",
         )
     compact, masked = rows[0], rows[1]
     return {
@@ -495,13 +495,13 @@ def show(report: dict[str, Any]) -> None:
     )
     exits = report["exits"]
     print(f"### Exit criteria (teacher-forced, {exits['rows_scored']} x {exits['tokens_per_row']} tokens, r={LOOPS})\n")
-    rows = [["none", exits["no_exit"]["mean_steps"], "0.0%", exits["no_exit"]["perplexity"], "", "", "", ""]]
+    rows = [["none", exits["no_exit"]["mean_loops"], "0.0%", exits["no_exit"]["perplexity"], "", "", "", ""]]
     for r in exits["rows"]:
         best = "best" if r["rule"] == exits["best"] else ""
         rows.append(
             [
                 r["rule"],
-                r["mean_steps"],
+                r["mean_loops"],
                 f"{r['steps_saved']:.1%}",
                 r["perplexity"],
                 percent(r["ppl_change"]),
@@ -522,7 +522,7 @@ def show(report: dict[str, Any]) -> None:
                 r["rule"],
                 "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%}",
                 percent(r["accuracy_change"]),
-                r["mean_steps"],
+                r["mean_loops"],
                 f"{r['steps_saved']:.1%}",
             ]
             for r in task["rows"]
@@ -553,7 +553,7 @@ def show(report: dict[str, Any]) -> None:
     print(format_table(["", "lookahead", "tok/s", "speedup", "acceptance", "identical"], rows))
     comp = report["compaction"]
     print(f"\n### Early exit at batch {comp['batch']}: compaction vs masking ({comp['rule']}, r={LOOPS})\n")
-    rows = [[r["mode"], r["seconds_median"], r["tokens_per_s"], r["mean_steps"], r["core_rows"]] for r in comp["rows"]]
+    rows = [[r["mode"], r["seconds_median"], r["tokens_per_s"], r["mean_loops"], r["core_rows"]] for r in comp["rows"]]
     print(format_table(["mode", "median s", "tok/s", "mean steps", "core rows"], rows))
     print(
         f"\ncompaction saves {comp['core_rows_saved']:.1%} of the core rows and {comp['time_saved']:.1%} of the time "

@@ -30,7 +30,7 @@ def state_growth(injection: str, layout: str, scale: float, steps: int, seed: in
         if isinstance(weight, torch.nn.Parameter) and weight.dim() == 2:
             weight.mul_(scale)
     ids = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
-    states = model(ids, num_steps=steps, seed=seed, return_states=True).states
+    states = model(ids, loops=steps, seed=seed, return_states=True).states
     rms = torch.stack([state.float().pow(2).mean(-1).sqrt().max() for state in states])
     bad = (~(rms < DIVERGED)).nonzero()  # also catches inf and nan
     if len(bad):

@@ -45,7 +45,7 @@ def measure(loops: int, tokens: int, element_bytes: int) -> list[dict]:
             slot_bytes = sum(h * w for h, w in cache_entry(config)) * element_bytes
             for policy in POLICIES:
                 per_token = cache_bytes(config, policy, 1, loops, element_bytes=element_bytes)
-                cache = KVCache(config, 1, tokens, policy, max_steps=loops, dtype=dtype)
+                cache = KVCache(config, 1, tokens, policy, max_loops=loops, dtype=dtype)
                 allocated = cache.nbytes()
                 if allocated != per_token * tokens:
                     raise AssertionError(f"{name} {policy}: cache_bytes {per_token * tokens} != allocated {allocated}")

@@ -5,7 +5,7 @@ Every quantized model is written with :func:`loopformer.quant.save_quantized` an
 ``load_trained_model``, so what is measured is what ``loopformer quantize`` produces and every command loads.
 
 1. **Size**: ``model.safetensors`` bytes of the text LM per scheme.
-2. **Perplexity vs depth**: the existing perplexity evaluation (``evaluate_depths``: one pass to the deepest depth,
+2. **Perplexity vs depth**: the existing perplexity evaluation (``evaluate_loops``: one pass to the deepest depth,
    the shallower ones decoded on the way, seed 0) over held-out rows of the corpus the checkpoint was trained on (the
    same held-out text as ``benchmarks/inference.py``), at r = 1, 8, 32, 128.
 3. **Decode speed**: greedy tokens/s at batch 1 for r = 8 and 32 through the inference engine (a 32-token prompt of
@@ -42,7 +42,7 @@ import torch
 from inference import held_out_stream, machine, progress, rounded, run_report, take
 from loopformer.checkpoint import TrainingState, write_checkpoint_dir
 from loopformer.errors import LoopformerError
-from loopformer.evaluation.perplexity import evaluate_depths
+from loopformer.evaluation.perplexity import evaluate_loops
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.loading import load_trained_model
 from loopformer.model import LoopLM, build_model
@@ -122,8 +122,8 @@ def measure_sizes(paths: dict[str, Path], parameters: int) -> list[dict[str, Any
 def measure_perplexity(model: LoopLM, ids: torch.Tensor, sizes: Sizes) -> list[dict[str, Any]]:
     batches = [SimpleNamespace(input_ids=chunk, labels=chunk) for chunk in ids.split(sizes.ppl_batch)]
     with torch.inference_mode():
-        results = evaluate_depths(model, batches, sizes.depths, seed=0)
-    return [{"loops": r.steps, "loss": round(r.loss, 5), "perplexity": rounded(r.perplexity)} for r in results]
+        results = evaluate_loops(model, batches, sizes.depths, seed=0)
+    return [{"loops": r.loops, "loss": round(r.loss, 5), "perplexity": rounded(r.perplexity)} for r in results]
 
 
 def measure_decode(models: dict[str, LoopLM], prompt: list[int], sizes: Sizes) -> dict[str, list[dict[str, Any]]]:

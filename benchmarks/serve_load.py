@@ -51,7 +51,7 @@ WORDS = ["loop", "state", "depth", "token", "prelude", "coda", "core", "inject",
 def save_model(folder: Path) -> Path:
     tokenizer = TextTokenizer.byte_level()
     config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, recurrence=RecurrenceConfig(mean_steps=4, backprop_depth=2), **SHAPE
+        vocab_size=tokenizer.vocab_size, recurrence=RecurrenceConfig(mean_loops=4, backprop_loops=2), **SHAPE
     )
     model = build_model(config, seed=0)
     state = TrainingState(step=0, model=model.state_dict(), config=config, tokenizer_json=tokenizer.to_json())

@@ -4,13 +4,13 @@ and the training throughput / MFU of ``anima-micro`` in fp32 and bf16.
 
 What one run does:
 
-1. Looped model (``--dim``-wide, layers 1/2/1, concat injection, lognormal-Poisson depth with mean ``--mean-steps``
-   and truncated backprop ``--backprop-depth``) trained with the normal :class:`~loopformer.training.Trainer` on
+1. Looped model (``--dim``-wide, layers 1/2/1, concat injection, lognormal-Poisson depth with mean ``--mean-loops``
+   and truncated backprop ``--backprop-loops``) trained with the normal :class:`~loopformer.training.Trainer` on
    the standard-library corpus with a BPE tokenizer. The step count is sized from a short calibration run so the
    cosine schedule ends inside ``--minutes``; ``time_limit_minutes`` is the hard stop.
 2. The param-matched baseline (:func:`loopformer.baselines.param_matched`: the same layers, run once) trained the
    same way for the same wall-clock budget.
-3. Validation perplexity of both on the same validation rows (the looped model at every depth of ``--depths``).
+3. Validation perplexity of both on the same validation rows (the looped model at every loop count of ``--loops``).
 4. ``anima-micro`` training throughput in fp32 and bf16 autocast, read from the trainer's own metrics log.
 
 Outputs: a JSON file, a PNG plot and a markdown table on stdout (``--render JSON`` redraws them from a saved report).
@@ -34,7 +34,7 @@ import torch
 import loopformer
 from loopformer.baselines import param_matched
 from loopformer.config import ModelConfig, RecurrenceConfig
-from loopformer.evaluation.perplexity import evaluate_depths
+from loopformer.evaluation.perplexity import evaluate_loops
 from loopformer.presets import get_preset
 from loopformer.recurrence import sample_depths
 from loopformer.table import format_table
@@ -52,7 +52,7 @@ def looped_config(args: argparse.Namespace) -> ModelConfig:
         n_coda=1,
         max_seq_len=args.seq_len,
         sliding_window=args.window,
-        recurrence=RecurrenceConfig(mean_steps=args.mean_steps, backprop_depth=args.backprop_depth),
+        recurrence=RecurrenceConfig(mean_loops=args.mean_loops, backprop_loops=args.backprop_loops),
     )
 
 
@@ -70,7 +70,7 @@ def base_train_config(args: argparse.Namespace, steps: int) -> TrainConfig:
         save_every=0,
         log_every=10,
         eval_batches=args.eval_batches,
-        eval_depths=(1,),
+        eval_loops=(1,),
         seed=args.seed,
     )
 
@@ -105,8 +105,8 @@ def train(name: str, model: ModelConfig, args: argparse.Namespace, root: Path) -
 
 
 def perplexities(trainer: Trainer, depths: list[int]) -> dict[int, float]:
-    results = evaluate_depths(trainer.model, trainer.val_batches, depths, seed=trainer.config.seed)
-    return {r.steps: round(r.perplexity, 3) for r in results}
+    results = evaluate_loops(trainer.model, trainer.val_batches, depths, seed=trainer.config.seed)
+    return {r.loops: round(r.perplexity, 3) for r in results}
 
 
 def throughput(dtype: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -133,15 +133,15 @@ def throughput(dtype: str, args: argparse.Namespace, root: Path) -> dict[str, An
     return {
         "dtype": dtype,
         "parameters": trainer.model.num_parameters(),
-        "depth": model.recurrence.mean_steps,
-        "backprop_depth": model.recurrence.backprop_depth,
+        "depth": model.recurrence.mean_loops,
+        "backprop_loops": model.recurrence.backprop_loops,
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in log) / len(log), 1),
         "mfu": round(sum(r["mfu"] for r in log) / len(log), 4),
         "peak_gflops": round(start["peak_flops"] / 1e9, 1),
     }
 
 
-def plot(path: Path, looped: dict[int, float], baseline: float, mean_steps: int, title: str) -> None:
+def plot(path: Path, looped: dict[int, float], baseline: float, mean_loops: int, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +154,7 @@ def plot(path: Path, looped: dict[int, float], baseline: float, mean_steps: int,
     for depth, value in zip(depths, values, strict=True):
         ax.annotate(f"{value:.1f}", (depth, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.axhline(baseline, color="tab:red", linestyle="--", label=f"param-matched baseline, 1 pass ({baseline:.1f})")
-    ax.axvline(mean_steps, color="gray", linestyle=":", label=f"mean training depth ({mean_steps})")
+    ax.axvline(mean_loops, color="gray", linestyle=":", label=f"mean training depth ({mean_loops})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.set_ylim(0, max([*values, baseline]) * 1.15)
@@ -173,15 +173,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per model")
     parser.add_argument("--dim", type=int, default=192)
-    parser.add_argument("--mean-steps", type=int, default=6)
-    parser.add_argument("--backprop-depth", type=int, default=3)
+    parser.add_argument("--mean-loops", type=int, default=6)
+    parser.add_argument("--backprop-loops", type=int, default=3)
     parser.add_argument("--window", type=int, help="sliding attention window (default: full causal attention)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-batches", type=int, default=16)
-    parser.add_argument("--depths", default="1,2,4,8,16,32,64")
+    parser.add_argument("--loops", default="1,2,4,8,16,32,64")
     parser.add_argument("--throughput-steps", type=int, default=6, help="anima-micro steps per dtype (0 = skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
@@ -200,7 +200,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    depths = [int(d) for d in args.depths.split(",")]
+    depths = [int(d) for d in args.loops.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         looped_trainer, looped = train("looped", looped_config(args), args, root)
@@ -220,9 +220,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def depth_draws(mean_steps: int, backprop_depth: int) -> tuple[float, float, float]:
+def depth_draws(mean_loops: int, backprop_loops: int) -> tuple[float, float, float]:
     """Mean, median and 95th percentile of the looped model's training-depth sampler."""
-    config = RecurrenceConfig(mean_steps=mean_steps, backprop_depth=backprop_depth)
+    config = RecurrenceConfig(mean_loops=mean_loops, backprop_loops=backprop_loops)
     draws = sample_depths(config, 200_000, torch.Generator().manual_seed(0)).double()
     return float(draws.mean()), float(draws.median()), float(draws.quantile(0.95))
 
@@ -235,7 +235,7 @@ def show(report: dict[str, Any], plot_path: Path | None) -> None:
     rows = [[d, ppl[d], round(ppl[d] / ppl[1], 3), round(ppl[d] / base_ppl, 3)] for d in sorted(ppl)]
     print(format_table(["depth", "looped ppl", "vs depth 1", "vs baseline"], rows))
     print(f"\nparam-matched baseline (1 pass): ppl {base_ppl}")
-    draws = depth_draws(args["mean_steps"], args["backprop_depth"])
+    draws = depth_draws(args["mean_loops"], args["backprop_loops"])
     print(
         f"training depth draws (200,000, seed 0): mean {draws[0]:.2f}, median {draws[1]:.0f}, 95th pct {draws[2]:.0f}"
     )
@@ -251,7 +251,7 @@ def show(report: dict[str, Any], plot_path: Path | None) -> None:
         window = args.get("window")
         attention = f"attention window {window}" if window else "full attention"
         title = f"Validation perplexity vs depth (stdlib corpus, {attention}, equal training time)"
-        plot(plot_path, ppl, base_ppl, args["mean_steps"], title)
+        plot(plot_path, ppl, base_ppl, args["mean_loops"], title)
 
 
 if __name__ == "__main__":

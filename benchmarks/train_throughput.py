@@ -10,7 +10,7 @@ What one run does:
    This keeps bf16 bounded on CPUs without native bf16 matmul instructions, where one 2048^3 bf16 product can
    take most of a minute.
 2. Times full training steps, ``zero_grad -> forward (with loss) -> backward -> AdamW step``, for each case:
-   ``model(ids, num_steps=r, labels=ids, backprop_depth=k)`` on a fixed batch of random tokens, the bf16 case
+   ``model(ids, loops=r, labels=ids, backprop_loops=k)`` on a fixed batch of random tokens, the bf16 case
    under ``torch.autocast``; an ``auto`` case first resolves its dtype as the trainer does and says what it
    picked and why (``dtype_reason``). Warm-up steps are excluded; the reported step time is the median of the timed
    steps. Achieved FLOP/s is ``loopformer.flops.training_flops_per_token(config, r, k, seq_len) * tokens/s``;
@@ -87,8 +87,8 @@ class Case:
     description: str
     config: ModelConfig
     dtype: str
-    num_steps: int = 8
-    backprop_depth: int = 4
+    loops: int = 8
+    backprop_loops: int = 4
     batch: int = 8
     seq_len: int = 256
     reference_tokens_per_s: float | None = None
@@ -106,7 +106,7 @@ def huginn_reference_config() -> ModelConfig:
         n_coda=1,
         mlp_hidden=688,
         max_seq_len=256,
-        recurrence=RecurrenceConfig(mean_steps=8, sampler="fixed", backprop_depth=4),
+        recurrence=RecurrenceConfig(mean_loops=8, sampler="fixed", backprop_loops=4),
     )
 
 
@@ -279,8 +279,8 @@ class CaseResult:
     dtype: str
     compiled: bool
     parameters: int
-    num_steps: int
-    backprop_depth: int
+    loops: int
+    backprop_loops: int
     batch: int
     seq_len: int
     config: dict[str, Any] = field(default_factory=dict)
@@ -347,7 +347,7 @@ def time_training(
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast_for(case.dtype, device):
-            out = forward(ids, num_steps=case.num_steps, labels=ids, backprop_depth=case.backprop_depth)
+            out = forward(ids, loops=case.loops, labels=ids, backprop_loops=case.backprop_loops)
         out.loss.backward()
         optimizer.step()
         losses.append(out.loss.detach())
@@ -386,8 +386,8 @@ def run_case(
         dtype=case.dtype,
         compiled=compile_model,
         parameters=model.num_parameters(),
-        num_steps=case.num_steps,
-        backprop_depth=case.backprop_depth,
+        loops=case.loops,
+        backprop_loops=case.backprop_loops,
         batch=case.batch,
         seq_len=case.seq_len,
         config=config.to_dict(),
@@ -410,7 +410,7 @@ def run_case(
         gc.collect()
 
     median = statistics.median(measured.timed)
-    flops_per_token = training_flops_per_token(config, case.num_steps, case.backprop_depth, case.seq_len)
+    flops_per_token = training_flops_per_token(config, case.loops, case.backprop_loops, case.seq_len)
     result.warmup_steps = len(measured.warmup)
     result.timed_steps = len(measured.timed)
     result.first_step_s = measured.warmup[0]
@@ -518,7 +518,7 @@ def markdown_report(peaks: dict[str, MatmulPeak], results: list[CaseResult]) -> 
     for r in results:
         head = (
             f"| {r.name} | {r.dtype} | {'yes' if r.compiled else 'no'} | {r.parameters:,} | {r.batch} x {r.seq_len} "
-            f"| {r.num_steps} / {r.backprop_depth} "
+            f"| {r.loops} / {r.backprop_loops} "
         )
         if r.error:
             lines.append(head + f"| {r.error} |")

@@ -31,7 +31,7 @@ def small_config(**changes: object) -> ModelConfig:
         "n_coda": 1,
         "mlp_hidden": 64,
         "max_seq_len": 256,
-        "recurrence": RecurrenceConfig(mean_steps=3, backprop_depth=2),
+        "recurrence": RecurrenceConfig(mean_loops=3, backprop_loops=2),
     }
     base.update(changes)
     return ModelConfig(**base)

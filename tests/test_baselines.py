@@ -20,7 +20,7 @@ def test_param_matched_has_identical_parameters(extra: dict) -> None:
     looped = small_config(**extra)
     baseline = param_matched(looped)
     assert params(baseline) == params(looped)
-    assert baseline.recurrence.mean_steps == 1 and baseline.effective_depth() == looped.n_layers
+    assert baseline.recurrence.mean_loops == 1 and baseline.effective_depth() == looped.n_layers
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora_rank": 2, "loop_embedding": "learned"}, {"injection": "add"}])
@@ -49,7 +49,7 @@ def test_baselines_train_and_evaluate_through_the_same_model(kind: str) -> None:
     ids = torch.randint(0, 64, (2, 6))
     out = model(ids, labels=ids)
     out.loss.backward()
-    assert out.steps == 1
+    assert out.loops == 1
     assert all(p.grad is not None for p in model.core.parameters())
     model.eval()
     with torch.no_grad():

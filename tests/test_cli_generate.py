@@ -61,7 +61,7 @@ def check_output(output: dict, max_new: int = MAX_NEW) -> None:
     """Robust to a random model emitting EOS: at most ``max_new`` tokens, all of them when it ran to length."""
     assert output["finish_reason"] in {"stop", "length"}
     assert len(output["tokens"]) <= max_new
-    assert len(output["steps"]) == len(output["tokens"])
+    assert len(output["loops"]) == len(output["tokens"])
     if output["finish_reason"] == "length":
         assert len(output["tokens"]) == max_new
 
@@ -92,7 +92,7 @@ def test_generate_json_record(capsys, ckpt: str) -> None:
     output = record["outputs"][0]
     assert output["prompt"] == PROMPT and isinstance(output["text"], str)
     check_output(output)
-    assert output["steps"] == [2] * len(output["tokens"])
+    assert output["loops"] == [2] * len(output["tokens"])
     if output["tokens"]:
         assert record["mean_loops_per_token"] == pytest.approx(2.0)
     assert record["cache_bytes"] > 0 and record["seconds"] > 0
@@ -101,8 +101,8 @@ def test_generate_json_record(capsys, ckpt: str) -> None:
 
 def test_generate_json_default_loops_are_the_models_mean(capsys, ckpt: str) -> None:
     record = generate_json(capsys, ckpt)
-    assert record["loops"] == 3  # small_config: mean_steps=3
-    assert set(record["outputs"][0]["steps"]) <= {3}
+    assert record["loops"] == 3  # small_config: mean_loops=3
+    assert set(record["outputs"][0]["loops"]) <= {3}
 
 
 def test_generate_with_early_exit_takes_at_most_loops_steps(capsys, ckpt: str) -> None:
@@ -110,7 +110,7 @@ def test_generate_with_early_exit_takes_at_most_loops_steps(capsys, ckpt: str) -
     assert record["loops"] == 8 and record["exit"] == "latent-diff:0.5"
     output = record["outputs"][0]
     check_output(output)
-    assert all(1 <= s <= 8 for s in output["steps"])
+    assert all(1 <= s <= 8 for s in output["loops"])
 
 
 @pytest.mark.parametrize("policy", ["ring:2", "last"])
@@ -118,7 +118,7 @@ def test_generate_with_kv_policies(capsys, ckpt: str, policy: str) -> None:
     record = generate_json(capsys, ckpt, "--kv", policy, "--loops", "4")
     assert record["kv"] == policy
     check_output(record["outputs"][0])
-    assert set(record["outputs"][0]["steps"]) <= {4}
+    assert set(record["outputs"][0]["loops"]) <= {4}
 
 
 def test_kv_sharing_shrinks_the_cache(capsys, ckpt: str) -> None:
@@ -138,7 +138,7 @@ def test_speculative_matches_plain_greedy(capsys, ckpt: str) -> None:
         check_output(got, 10)
         assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
         assert got["finish_reason"] == want["finish_reason"]
-        assert got["steps"] == [4] * len(got["tokens"])
+        assert got["loops"] == [4] * len(got["tokens"])
     assert len({t for o in plain["outputs"] for t in o["tokens"]}) > 5  # not one token repeated: a real check
     assert 0.0 <= fast["acceptance_rate"] <= 1.0
 
@@ -178,7 +178,7 @@ def test_generate_batch_equals_each_prompt_alone(capsys, ckpt: str) -> None:
 def test_generate_compile_matches_plain_greedy(capsys, ckpt: str) -> None:
     plain = generate_json(capsys, ckpt, "--loops", "3")["outputs"][0]
     compiled = generate_json(capsys, ckpt, "--loops", "3", "--compile")["outputs"][0]
-    assert compiled["tokens"] == plain["tokens"] and compiled["steps"] == plain["steps"]
+    assert compiled["tokens"] == plain["tokens"] and compiled["loops"] == plain["loops"]
 
 
 # ----- generate: user errors -----------------------------------------------------------------------

@@ -42,10 +42,10 @@ def test_invalid_model_config_names_field_value_and_rule(changes: dict, fragment
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"mean_steps": 0}, "mean_steps=0"),
+        ({"mean_loops": 0}, "mean_loops=0"),
         ({"sampler": "beta"}, "sampler='beta'"),
-        ({"backprop_depth": 0}, "backprop_depth=0"),
-        ({"mean_steps": 8, "max_steps": 4}, "max_steps=4"),
+        ({"backprop_loops": 0}, "backprop_loops=0"),
+        ({"mean_loops": 8, "max_loops": 4}, "max_loops=4"),
         ({"sigma": 0.0}, "sigma=0.0"),
     ],
 )
@@ -60,7 +60,7 @@ def test_defaults_are_resolved_to_concrete_values() -> None:
     assert config.n_kv_heads == 6
     assert config.mlp_hidden == 256  # 8/3 * 96 rounded up to a multiple of 32
     assert config.init_std == pytest.approx(math.sqrt(2 / (5 * 96)))
-    assert config.per_loop_slots == 2 * config.recurrence.mean_steps
+    assert config.per_loop_slots == 2 * config.recurrence.mean_loops
 
 
 def test_explicit_head_dim_allows_heads_that_do_not_divide_dim() -> None:
@@ -69,7 +69,7 @@ def test_explicit_head_dim_allows_heads_that_do_not_divide_dim() -> None:
 
 
 def test_effective_depth() -> None:
-    config = ModelConfig(n_prelude=2, n_core=4, n_coda=2, recurrence=RecurrenceConfig(mean_steps=32))
+    config = ModelConfig(n_prelude=2, n_core=4, n_coda=2, recurrence=RecurrenceConfig(mean_loops=32))
     assert config.effective_depth() == 132  # Huginn's L
     assert config.effective_depth(1) == 8
 
@@ -82,13 +82,13 @@ def test_json_round_trip_of_every_preset(name: str) -> None:
 
 
 def test_save_and_load_json_and_yaml(tmp_path) -> None:
-    config = ModelConfig(dim=48, n_heads=3, injection="lti", recurrence=RecurrenceConfig(mean_steps=5))
+    config = ModelConfig(dim=48, n_heads=3, injection="lti", recurrence=RecurrenceConfig(mean_loops=5))
     path = tmp_path / "sub" / "config.json"
     config.save(path)
     assert ModelConfig.load(path) == config
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # no temp file left behind
     yaml_path = tmp_path / "config.yaml"
-    yaml_path.write_text("dim: 48\nn_heads: 3\ninjection: lti\nrecurrence:\n  mean_steps: 5\n")
+    yaml_path.write_text("dim: 48\nn_heads: 3\ninjection: lti\nrecurrence:\n  mean_loops: 5\n")
     assert ModelConfig.load(yaml_path) == config
 
 
@@ -113,8 +113,8 @@ def test_load_errors_are_config_errors(tmp_path) -> None:
 
 def test_replace_validates_and_merges_recurrence() -> None:
     config = ModelConfig()
-    changed = config.replace(dim=128, recurrence={"mean_steps": 16})
-    assert changed.dim == 128 and changed.recurrence.mean_steps == 16
+    changed = config.replace(dim=128, recurrence={"mean_loops": 16})
+    assert changed.dim == 128 and changed.recurrence.mean_loops == 16
     assert changed.recurrence.sampler == config.recurrence.sampler
     with pytest.raises(ConfigError, match="n_heads"):
         config.replace(n_heads=5)
@@ -133,4 +133,4 @@ def test_replace_rederives_fields_left_at_their_default() -> None:
     assert wider.init_std == pytest.approx(math.sqrt(2 / (5 * 128)))
     pinned = ModelConfig(dim=64, n_heads=4, mlp_hidden=100).replace(dim=128)
     assert pinned.mlp_hidden == 100  # an explicit value is kept
-    assert config.replace(recurrence={"mean_steps": 5}).per_loop_slots == 10
+    assert config.replace(recurrence={"mean_loops": 5}).per_loop_slots == 10

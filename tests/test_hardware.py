@@ -85,7 +85,7 @@ def test_training_at_auto_records_the_choice_and_runs_it(machine, tmp_path: Path
     machine(AMX, speedup=2.0)
     corpus = write_corpus(tmp_path / "corpus", documents=6, words=60)
     config = TrainConfig(
-        data=str(corpus), tokenizer="byte", seq_len=32, batch_size=2, steps=2, eval_every=0, eval_depths=(1,)
+        data=str(corpus), tokenizer="byte", seq_len=32, batch_size=2, steps=2, eval_every=0, eval_loops=(1,)
     )
     trainer = Trainer(small_config(), config, tmp_path / "run", progress=False)
     trainer._setup()

@@ -42,18 +42,18 @@ def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
 
     exits = report["exits"]
     assert [r["criterion"] for r in exits["rows"]] == list(EXIT_CRITERIA)
-    assert exits["no_exit"]["mean_steps"] == 32
+    assert exits["no_exit"]["mean_loops"] == 32
     for row in exits["rows"]:
         assert 1 <= row["warm_start_mean_steps"] <= 32 and row["warm_start_ppl_change"] is not None
-        assert 1 <= row["mean_steps"] <= 32 and row["perplexity"] > 0
-        assert row["steps_saved"] == round(1 - row["mean_steps"] / 32, 4)
+        assert 1 <= row["mean_loops"] <= 32 and row["perplexity"] > 0
+        assert row["steps_saved"] == round(1 - row["mean_loops"] / 32, 4)
     assert exits["best"] is None or exits["best"] in {r["rule"] for r in exits["rows"]}
 
     task_rows = report["task"]["rows"]
     assert report["task"]["task"] == "prefix-parity"
     assert {r["rule"] for r in task_rows} == {"no exit", *(r["rule"] for r in exits["rows"])}
     for row in task_rows:
-        assert 0 <= row["accuracy"] <= 1 and 1 <= row["mean_steps"] <= 32
+        assert 0 <= row["accuracy"] <= 1 and 1 <= row["mean_loops"] <= 32
 
     kv = {r["policy"]: r for r in report["kv"]["rows"]}
     assert set(kv) == {"full", "ring:4", "ring:8", "last"}
@@ -71,8 +71,8 @@ def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
     compaction = {r["mode"]: r for r in report["compaction"]["rows"]}
     assert compaction["compaction"]["core_rows"] <= compaction["masking"]["core_rows"]
     assert compaction["masking"]["core_rows"] <= compaction["no exit"]["core_rows"]
-    assert 1 <= compaction["compaction"]["mean_steps"] <= 32
-    assert compaction["compaction"]["mean_steps"] == compaction["masking"]["mean_steps"]
+    assert 1 <= compaction["compaction"]["mean_loops"] <= 32
+    assert compaction["compaction"]["mean_loops"] == compaction["masking"]["mean_loops"]
     assert report["compaction"]["identical_tokens"] is True
 
     for heading in ("Decode speed", "Exit criteria", "KV policies", "Speculative decoding", "compaction vs masking"):

@@ -31,7 +31,7 @@ def test_shapes_and_dtypes(injection: str, layout: str, attention: str, autocast
     model = build_model(config, seed=0)
     ids = torch.randint(0, config.vocab_size, (2, 7))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(ids, num_steps=3, labels=ids, seed=0, return_states=True)
+        out = model(ids, loops=3, labels=ids, seed=0, return_states=True)
     assert out.logits.shape == (2, 7, config.vocab_size)
     assert out.logits.dtype == (torch.bfloat16 if autocast else torch.float32)
     assert out.state.shape == (2, 7, config.dim) and out.state.dtype == torch.float32
@@ -43,7 +43,7 @@ def test_shapes_and_dtypes(injection: str, layout: str, attention: str, autocast
 def test_bf16_weights_run_end_to_end() -> None:
     config = small_config(injection="lti", norm_layout="pre")
     model = build_model(config, seed=0, dtype=torch.bfloat16)
-    out = model(torch.randint(0, 64, (1, 5)), num_steps=4, seed=0)
+    out = model(torch.randint(0, 64, (1, 5)), loops=4, seed=0)
     assert out.logits.dtype == torch.bfloat16 and out.state.dtype == torch.bfloat16
     assert torch.isfinite(out.logits.float()).all()
 
@@ -51,18 +51,18 @@ def test_bf16_weights_run_end_to_end() -> None:
 def test_same_seed_gives_identical_logits_and_different_seed_does_not() -> None:
     config = small_config()
     ids = torch.randint(0, 64, (2, 6))
-    a = build_model(config, seed=1)(ids, num_steps=4, seed=7).logits
-    b = build_model(config, seed=1)(ids, num_steps=4, seed=7).logits
+    a = build_model(config, seed=1)(ids, loops=4, seed=7).logits
+    b = build_model(config, seed=1)(ids, loops=4, seed=7).logits
     assert torch.equal(a, b)
-    assert not torch.equal(a, build_model(config, seed=1)(ids, num_steps=4, seed=8).logits)
-    assert not torch.equal(a, build_model(config, seed=2)(ids, num_steps=4, seed=7).logits)
+    assert not torch.equal(a, build_model(config, seed=1)(ids, loops=4, seed=8).logits)
+    assert not torch.equal(a, build_model(config, seed=2)(ids, loops=4, seed=7).logits)
 
 
 def test_explicit_generator_equals_seed() -> None:
     model = build_model(small_config(), seed=0)
     ids = torch.randint(0, 64, (1, 5))
-    by_seed = model(ids, num_steps=2, seed=3).logits
-    by_generator = model(ids, num_steps=2, generator=torch.Generator().manual_seed(3)).logits
+    by_seed = model(ids, loops=2, seed=3).logits
+    by_generator = model(ids, loops=2, generator=torch.Generator().manual_seed(3)).logits
     assert torch.equal(by_seed, by_generator)
 
 
@@ -70,9 +70,9 @@ def test_zero_init_is_deterministic_without_a_seed() -> None:
     model = build_model(small_config(state_init="zero"), seed=0)
     ids = torch.randint(0, 64, (2, 6))
     torch.manual_seed(1)
-    a = model(ids, num_steps=3).logits
+    a = model(ids, loops=3).logits
     torch.manual_seed(2)
-    assert torch.equal(a, model(ids, num_steps=3).logits)
+    assert torch.equal(a, model(ids, loops=3).logits)
 
 
 def test_like_init_state_statistics() -> None:
@@ -90,8 +90,8 @@ def test_depths_from_1_to_4096(injection: str, layout: str) -> None:
     ids = torch.randint(0, 64, (1, 4))
     with torch.no_grad():
         for steps in (1, 2, 4096):
-            out = model(ids, num_steps=steps, seed=0)
-            assert out.steps == steps
+            out = model(ids, loops=steps, seed=0)
+            assert out.loops == steps
             assert torch.isfinite(out.logits).all(), f"non-finite logits at {steps} steps"
 
 
@@ -99,7 +99,7 @@ def _state_rms_trajectory(model: torch.nn.Module, steps: int) -> torch.Tensor:
     """Largest per-token RMS of the latent state after each of ``steps`` iterations."""
     ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        states = model(ids, num_steps=steps, seed=0, return_states=True).states
+        states = model(ids, loops=steps, seed=0, return_states=True).states
     return torch.stack([state.pow(2).mean(-1).sqrt().max() for state in states])
 
 
@@ -122,7 +122,7 @@ def test_lti_state_stays_bounded_for_4096_iterations(scale: float) -> None:
 def test_return_states_are_the_per_iteration_states() -> None:
     model = build_model(small_config(), seed=0)
     ids = torch.randint(0, 64, (2, 5))
-    out = model(ids, num_steps=4, seed=0, return_states=True)
+    out = model(ids, loops=4, seed=0, return_states=True)
     ctx = AttentionContext.for_sequence(model.config, 5, ids.device)
     e = model.embed(ids, ctx)
     state = model.init_state(e, torch.Generator().manual_seed(0))
@@ -142,7 +142,7 @@ def test_truncated_backprop_matches_detaching_before_the_last_k() -> None:
     ids = torch.randint(0, 64, (2, 6))
     steps, k = 6, 2
 
-    model(ids, num_steps=steps, backprop_depth=k, labels=ids, seed=0).loss.backward()
+    model(ids, loops=steps, backprop_loops=k, labels=ids, seed=0).loss.backward()
     truncated = _core_grads(model)
     prelude_grad = model.prelude[0].attn.qkv.weight.grad.clone()
     model.zero_grad()
@@ -161,7 +161,7 @@ def test_truncated_backprop_matches_detaching_before_the_last_k() -> None:
     assert prelude_grad.abs().sum() > 0, "the prelude must receive gradient through e"
     model.zero_grad()
 
-    model(ids, num_steps=steps, backprop_depth=steps, labels=ids, seed=0).loss.backward()
+    model(ids, loops=steps, backprop_loops=steps, labels=ids, seed=0).loss.backward()
     full = _core_grads(model)
     assert any(not torch.allclose(a, b) for a, b in zip(truncated, full, strict=True)), "truncation had no effect"
 
@@ -169,29 +169,29 @@ def test_truncated_backprop_matches_detaching_before_the_last_k() -> None:
 def test_no_grad_iterations_store_no_graph() -> None:
     model = build_model(small_config(), seed=0).train()
     ids = torch.randint(0, 64, (1, 4))
-    out = model(ids, num_steps=5, backprop_depth=2, seed=0, return_states=True)
+    out = model(ids, loops=5, backprop_loops=2, seed=0, return_states=True)
     assert [s.requires_grad for s in out.states] == [False, False, False, True, True]
 
 
 def test_training_mode_draws_depth_from_the_sampler_reproducibly() -> None:
-    config = small_config(recurrence={"mean_steps": 4, "sampler": "uniform", "backprop_depth": 2})
+    config = small_config(recurrence={"mean_loops": 4, "sampler": "uniform", "backprop_loops": 2})
     model = build_model(config, seed=0).train()
     ids = torch.randint(0, 64, (2, 4))
-    draws = [model(ids, depth_generator=torch.Generator().manual_seed(5), seed=0).steps for _ in range(2)]
+    draws = [model(ids, depth_generator=torch.Generator().manual_seed(5), seed=0).loops for _ in range(2)]
     assert draws[0] == draws[1] and 1 <= draws[0] <= 7
-    many = {model(ids, depth_generator=torch.Generator().manual_seed(s), seed=0).steps for s in range(12)}
+    many = {model(ids, depth_generator=torch.Generator().manual_seed(s), seed=0).loops for s in range(12)}
     assert len(many) > 1
     model.eval()
-    assert model(ids).steps == 4  # eval mode uses mean_steps
+    assert model(ids).loops == 4  # eval mode uses mean_loops
 
 
 def test_per_row_depth_equals_separate_runs_and_rows_keep_their_state() -> None:
     model = build_model(small_config(state_init="zero"), seed=0, dtype=torch.float64).eval()
     ids = torch.randint(0, 64, (3, 5))
     depths = torch.tensor([1, 4, 2])
-    batched = model(ids, num_steps=depths, return_states=True)
+    batched = model(ids, loops=depths, return_states=True)
     for row, depth in enumerate(depths.tolist()):
-        alone = model(ids[row : row + 1], num_steps=depth)
+        alone = model(ids[row : row + 1], loops=depth)
         torch.testing.assert_close(batched.logits[row], alone.logits[0])
     # Row 0 stopped after one iteration: its state never changed afterwards.
     for later in batched.states[1:]:
@@ -202,11 +202,11 @@ def test_per_row_truncated_backprop_equals_per_row_runs() -> None:
     model = build_model(small_config(state_init="zero"), seed=0, dtype=torch.float64).train()
     ids = torch.randint(0, 64, (2, 5))
     depths = torch.tensor([5, 2])
-    model(ids, num_steps=depths, backprop_depth=2, labels=ids).loss.backward()
+    model(ids, loops=depths, backprop_loops=2, labels=ids).loss.backward()
     batched = _core_grads(model)
     model.zero_grad()
     for row, depth in enumerate(depths.tolist()):
-        (model(ids[row : row + 1], num_steps=depth, backprop_depth=2, labels=ids[row : row + 1]).loss / 2).backward()
+        (model(ids[row : row + 1], loops=depth, backprop_loops=2, labels=ids[row : row + 1]).loss / 2).backward()
     for got, want in zip(batched, _core_grads(model), strict=True):
         torch.testing.assert_close(got, want)
 
@@ -280,11 +280,11 @@ def test_takase_init_scales_output_projections() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_steps": 0}, "num_steps must be an integer >= 1"),
-        ({"num_steps": 2.5}, "num_steps must be an integer >= 1"),
-        ({"num_steps": torch.tensor([1, 0])}, ">= 1 for every row"),
-        ({"num_steps": torch.tensor([1, 2, 3])}, r"shape \[2\]"),
-        ({"num_steps": 2, "backprop_depth": 0}, "backprop_depth must be >= 1"),
+        ({"loops": 0}, "loops must be an integer >= 1"),
+        ({"loops": 2.5}, "loops must be an integer >= 1"),
+        ({"loops": torch.tensor([1, 0])}, ">= 1 for every row"),
+        ({"loops": torch.tensor([1, 2, 3])}, r"shape \[2\]"),
+        ({"loops": 2, "backprop_loops": 0}, "backprop_loops must be >= 1"),
     ],
 )
 def test_invalid_forward_arguments(kwargs: dict, match: str) -> None:
@@ -307,7 +307,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
     grads = []
     for checkpoint_steps in (False, True):
         model.zero_grad()
-        out = model(ids, num_steps=5, backprop_depth=3, labels=ids, seed=0, checkpoint_steps=checkpoint_steps)
+        out = model(ids, loops=5, backprop_loops=3, labels=ids, seed=0, checkpoint_steps=checkpoint_steps)
         out.loss.backward()
         grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
     torch.testing.assert_close(grads[0][0], grads[1][0])
@@ -323,13 +323,13 @@ def test_attention_mask_separates_packed_documents() -> None:
     i, j = torch.arange(7)[:, None], torch.arange(7)[None, :]
     mask = ((doc[:, None] == doc[None, :]) & (j <= i)).view(1, 1, 7, 7)
     model = build_model(small_config(state_init="zero"), seed=0).eval()
-    out = model(packed, num_steps=3, attention_mask=mask).logits
-    torch.testing.assert_close(out[:, 4:], model(second, num_steps=3).logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[:, :4], model(first, num_steps=3).logits, atol=1e-5, rtol=1e-5)
-    unmasked = model(packed, num_steps=3).logits
+    out = model(packed, loops=3, attention_mask=mask).logits
+    torch.testing.assert_close(out[:, 4:], model(second, loops=3).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :4], model(first, loops=3).logits, atol=1e-5, rtol=1e-5)
+    unmasked = model(packed, loops=3).logits
     assert not torch.allclose(unmasked[:, 4:], out[:, 4:], atol=1e-4)
     with pytest.raises(InputError, match="attention_mask"):
-        model(packed, num_steps=1, attention_mask=mask.float())
+        model(packed, loops=1, attention_mask=mask.float())
 
 
 @pytest.mark.parametrize(
@@ -346,7 +346,7 @@ def test_bad_token_ids_get_one_sentence(ids: torch.Tensor, needle: str) -> None:
 
     model = build_model(small_config(), seed=0).eval()
     with pytest.raises(InputError, match=re.escape(needle)):
-        model(ids, num_steps=1)
+        model(ids, loops=1)
     if ids.shape[1] >= 2:
         with pytest.raises(InputError, match=re.escape(needle)):
             Engine(model).score(ids)

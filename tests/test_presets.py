@@ -62,7 +62,7 @@ def test_small_presets_run_a_forward_pass(name: str) -> None:
     config = get_preset(name)
     model = build_model(config, seed=0).eval()
     with torch.no_grad():
-        out = model(torch.randint(0, config.vocab_size, (1, 8)), num_steps=2, seed=0)
+        out = model(torch.randint(0, config.vocab_size, (1, 8)), loops=2, seed=0)
     assert out.logits.shape == (1, 8, config.vocab_size) and torch.isfinite(out.logits).all()
 
 

@@ -23,10 +23,10 @@ def _single_pass(config: ModelConfig, **changes: object) -> ModelConfig:
     return config.replace(
         state_init="zero",
         recurrence={
-            "mean_steps": 1,
+            "mean_loops": 1,
             "sampler": "fixed",
-            "backprop_depth": 1,
-            "max_steps": None,
+            "backprop_loops": 1,
+            "max_loops": None,
             "per_sequence": False,
         },
         **changes,
@@ -39,8 +39,8 @@ def param_matched(config: ModelConfig) -> ModelConfig:
 
 
 def compute_matched(config: ModelConfig, steps: int | None = None) -> ModelConfig:
-    """Untied stack with the compute of ``steps`` iterations (default: the config's ``mean_steps``)."""
-    r = config.recurrence.mean_steps if steps is None else steps
+    """Untied stack with the compute of ``steps`` iterations (default: the config's ``mean_loops``)."""
+    r = config.recurrence.mean_loops if steps is None else steps
     if r < 1:
         raise ConfigError(f"compute_matched steps={r!r} is invalid: must be >= 1.")
     return _single_pass(config, n_core=config.n_core * r, lora_rank=0, loop_embedding="none", per_loop_slots=1)

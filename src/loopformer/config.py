@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from loopformer.deprecation import upgrade_keys
 from loopformer.errors import ConfigError
 
 NORM_LAYOUTS = ("sandwich", "pre")
@@ -66,34 +67,34 @@ def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -
 
 @dataclass(frozen=True)
 class RecurrenceConfig:
-    """How many core iterations run, in training (sampled) and at inference (``mean_steps``).
+    """How many core iterations run, in training (sampled) and at inference (``mean_loops``).
 
-    ``sampler`` draws the training depth r; the last ``backprop_depth`` iterations carry gradient
-    and the first ``r - backprop_depth`` run without it (truncated backprop). ``per_sequence`` draws
+    ``sampler`` draws the training depth r; the last ``backprop_loops`` iterations carry gradient
+    and the first ``r - backprop_loops`` run without it (truncated backprop). ``per_sequence`` draws
     one depth per row instead of one per batch; rows whose depth is reached keep their state.
     """
 
-    mean_steps: int = 8
+    mean_loops: int = 8
     sampler: str = "lognormal-poisson"
-    backprop_depth: int = 4
+    backprop_loops: int = 4
     sigma: float = 0.5
-    max_steps: int | None = None
+    max_loops: int | None = None
     per_sequence: bool = False
 
     def __post_init__(self) -> None:
         owner = "RecurrenceConfig"
         _check_types(self)
-        _check(self.mean_steps >= 1, owner, "mean_steps", self.mean_steps, "must be >= 1")
+        _check(self.mean_loops >= 1, owner, "mean_loops", self.mean_loops, "must be >= 1")
         _check_choice(owner, "sampler", self.sampler, DEPTH_SAMPLERS)
-        _check(self.backprop_depth >= 1, owner, "backprop_depth", self.backprop_depth, "must be >= 1")
+        _check(self.backprop_loops >= 1, owner, "backprop_loops", self.backprop_loops, "must be >= 1")
         _check(self.sigma > 0, owner, "sigma", self.sigma, "must be > 0")
-        if self.max_steps is not None:
+        if self.max_loops is not None:
             _check(
-                self.max_steps >= self.mean_steps,
+                self.max_loops >= self.mean_loops,
                 owner,
-                "max_steps",
-                self.max_steps,
-                f"must be None or >= mean_steps ({self.mean_steps})",
+                "max_loops",
+                self.max_loops,
+                f"must be None or >= mean_loops ({self.mean_loops})",
             )
 
 
@@ -257,8 +258,8 @@ class ModelConfig:
         return self.n_prelude + self.n_core + self.n_coda
 
     def effective_depth(self, steps: int | None = None) -> int:
-        """Layers a token passes through at ``steps`` core iterations (default: ``mean_steps``)."""
-        r = self.recurrence.mean_steps if steps is None else steps
+        """Layers a token passes through at ``steps`` core iterations (default: ``mean_loops``)."""
+        r = self.recurrence.mean_loops if steps is None else steps
         return self.n_prelude + r * self.n_core + self.n_coda
 
     @property
@@ -277,7 +278,7 @@ class ModelConfig:
             "head_dim": self.dim // self.n_heads if self.dim % self.n_heads == 0 else None,
             "n_kv_heads": self.n_heads,
             "mlp_hidden": 32 * math.ceil(8 * self.dim / 3 / 32),
-            "per_loop_slots": 2 * self.recurrence.mean_steps,
+            "per_loop_slots": 2 * self.recurrence.mean_loops,
             # fine-grained experts: the active experts together are about as wide as the dense MLP
             "moe_hidden": max(
                 1,
@@ -304,7 +305,7 @@ class ModelConfig:
                 changes[name] = None
         rec = changes.pop("recurrence", None)
         if isinstance(rec, dict):
-            changes["recurrence"] = dataclasses.replace(self.recurrence, **rec)
+            changes["recurrence"] = dataclasses.replace(self.recurrence, **known_fields(RecurrenceConfig, rec))
         elif rec is not None:
             changes["recurrence"] = rec
         return dataclasses.replace(self, **changes)
@@ -317,12 +318,10 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"A model config must be a mapping, got {type(data).__name__}.")
-        check_known_fields(cls, data)
-        data = dict(data)
+        data = dict(known_fields(cls, data))
         rec = data.get("recurrence")
         if isinstance(rec, dict):
-            check_known_fields(RecurrenceConfig, rec)
-            data["recurrence"] = RecurrenceConfig(**rec)
+            data["recurrence"] = RecurrenceConfig(**known_fields(RecurrenceConfig, rec))
         return cls(**data)
 
     def to_json(self) -> str:
@@ -346,11 +345,15 @@ class ModelConfig:
         return cls.from_dict(read_config_file(path))
 
 
-def check_known_fields(cls: type, data: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` naming every key of ``data`` that is not a field of dataclass ``cls``."""
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with renamed keys upgraded (:func:`~loopformer.deprecation.upgrade_keys`); raises
+    :class:`ConfigError` naming every other key that is not a field of dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    data = upgrade_keys(data, names, cls.__name__)
+    unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
+    return data
 
 
 def read_text_file(path: Path, what: str, error: type[Exception]) -> str:

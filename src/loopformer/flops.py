@@ -68,8 +68,8 @@ def forward_flops_per_token(config: ModelConfig, steps: int, seq_len: int) -> fl
     return once_flops(config, seq_len) + steps * core_step_flops(config, seq_len)
 
 
-def training_flops_per_token(config: ModelConfig, steps: int, backprop_depth: int, seq_len: int) -> float:
-    """Forward + backward FLOPs per token at ``steps`` iterations, the last ``backprop_depth`` with grad."""
-    grad_steps = min(steps, backprop_depth)
+def training_flops_per_token(config: ModelConfig, steps: int, backprop_loops: int, seq_len: int) -> float:
+    """Forward + backward FLOPs per token at ``steps`` iterations, the last ``backprop_loops`` with grad."""
+    grad_steps = min(steps, backprop_loops)
     core = core_step_flops(config, seq_len)
     return 3 * once_flops(config, seq_len) + (steps - grad_steps) * core + 3 * grad_steps * core

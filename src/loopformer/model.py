@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loopformer.config import ModelConfig
+from loopformer.deprecation import keyword_alias, warn_renamed
 from loopformer.errors import InputError
 from loopformer.nn.attention import AttentionContext
 from loopformer.nn.depth import LoopEmbedding, LoopIndex, loop_slot
@@ -43,7 +44,7 @@ StateVisitor = Callable[[int, torch.Tensor], None]
 class LoopOutput:
     """Result of :meth:`LoopLM.forward`.
 
-    ``steps`` is the depth that ran (an int, or a [B] tensor for per-sequence depth); ``states`` holds
+    ``loops`` is the depth that ran (an int, or a [B] tensor for per-sequence depth); ``states`` holds
     the latent state after every iteration when requested (``states[i]`` is s_{i+1}). With ACT halting the
     logits decode the halting mixture (``state`` stays the last latent state) and ``halting`` holds its
     per-position statistics, counted over the positions with a target when ``labels`` were given.
@@ -52,9 +53,15 @@ class LoopOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None
     state: torch.Tensor
-    steps: Steps
+    loops: Steps
     states: list[torch.Tensor] | None = None
     halting: HaltingStats | None = None
+
+    @property
+    def steps(self) -> Steps:
+        """Deprecated old name of :attr:`loops`."""
+        warn_renamed("LoopOutput.steps", "LoopOutput.loops")
+        return self.loops
 
 
 class RowExits(Protocol):
@@ -83,7 +90,7 @@ class Recurrence(NamedTuple):
 
     state: torch.Tensor
     states: list[torch.Tensor] | None = None
-    steps: torch.Tensor | None = None
+    loops: torch.Tensor | None = None
 
 
 class _Retirement:
@@ -94,7 +101,7 @@ class _Retirement:
         self.exits, self.compact = exits, compact
         rows, device = state.shape[0], state.device
         self.final = state.clone()
-        self.steps = torch.full((rows,), total, dtype=torch.long, device=device)
+        self.loops = torch.full((rows,), total, dtype=torch.long, device=device)
         self.active = torch.arange(rows, device=device)  # compact: original rows still in the batch
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)  # masked: rows that have left
 
@@ -107,12 +114,12 @@ class _Retirement:
             return state, e, ctx
         if not self.compact:
             newly = fired & ~self.done
-            self.final[newly], self.steps[newly] = self.exits.exit_state(step, state)[newly], step
+            self.final[newly], self.loops[newly] = self.exits.exit_state(step, state)[newly], step
             self.done |= fired
             ctx.cache.freeze(self.done)  # exited rows keep computing but no longer write the cache
             return None if bool(self.done.all()) else (state, e, ctx)
         exited = self.active[fired]
-        self.final[exited], self.steps[exited] = self.exits.exit_state(step, state)[fired], step
+        self.final[exited], self.loops[exited] = self.exits.exit_state(step, state)[fired], step
         keep = (~fired).nonzero().squeeze(1)
         if keep.numel() == 0:
             return None
@@ -126,7 +133,7 @@ class _Retirement:
             self.final[self.active] = self.exits.exit_state(step, state)
         else:
             self.final[~self.done] = self.exits.exit_state(step, state)[~self.done]
-        return Recurrence(self.final, None, self.steps)
+        return Recurrence(self.final, None, self.loops)
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -327,8 +334,8 @@ class LoopLM(nn.Module):
         state: torch.Tensor,
         e: torch.Tensor,
         ctx: AttentionContext,
-        steps: Steps,
-        backprop_depth: int | None = None,
+        loops: Steps,
+        backprop_loops: int | None = None,
         return_states: bool = False,
         checkpoint_steps: bool = False,
         on_state: StateVisitor | None = None,
@@ -336,30 +343,30 @@ class LoopLM(nn.Module):
         exits: RowExits | None = None,
         compact: bool = True,
     ) -> Recurrence:
-        """Run the core ``steps`` times (an int, or a [B] tensor of per-row depths): the only loop over core
+        """Run the core ``loops`` times (an int, or a [B] tensor of per-row depths): the only loop over core
         iterations, used by training, evaluation, analysis and the inference engine.
 
-        With ``backprop_depth = k`` only each row's last k iterations carry gradient; earlier ones
+        With ``backprop_loops = k`` only each row's last k iterations carry gradient; earlier ones
         run under ``no_grad`` (or are detached per row when rows differ in depth). A row whose depth
         is reached keeps its state while the others continue. ``checkpoint_steps`` recomputes each
         gradient-carrying iteration in the backward pass instead of storing its activations.
         ``on_state(i, state)`` is called after iteration i (1-based), e.g. to decode intermediate depths
         without keeping every state.
 
-        ``exits`` (inference, an int ``steps``): after each iteration the rows it names leave the loop, keeping
+        ``exits`` (inference, an int ``loops``): after each iteration the rows it names leave the loop, keeping
         their :meth:`RowExits.exit_state`; with ``compact`` later iterations compute only the remaining rows (the
         visitors then see those rows only), otherwise leavers stay in the batch with their cache writes frozen. The
-        result's ``steps`` holds each row's iteration count.
+        result's ``loops`` holds each row's iteration count.
         """
-        per_row = isinstance(steps, torch.Tensor)
+        per_row = isinstance(loops, torch.Tensor)
         if exits is not None and per_row:
             raise InputError("per-row exits take an int loop count (a row's own budget belongs to its exits).")
-        total = int(steps.max()) if per_row else int(steps)
+        total = int(loops.max()) if per_row else int(loops)
         if per_row:
-            steps = steps.to(state.device)
-            first_grad = 0 if backprop_depth is None else max(int(steps.min()) - backprop_depth, 0)
+            loops = loops.to(state.device)
+            first_grad = 0 if backprop_loops is None else max(int(loops.min()) - backprop_loops, 0)
         else:
-            first_grad = 0 if backprop_depth is None else max(total - backprop_depth, 0)
+            first_grad = 0 if backprop_loops is None else max(total - backprop_loops, 0)
         grad_enabled = torch.is_grad_enabled()
         states: list[torch.Tensor] | None = [] if return_states else None
         retirement = None if exits is None else _Retirement(exits, state, total, compact)
@@ -370,10 +377,10 @@ class LoopLM(nn.Module):
                 else:
                     new = self.step(state, e, index, ctx)
                 if per_row:
-                    if backprop_depth is not None and torch.is_grad_enabled():
-                        in_grad_window = (index >= steps - backprop_depth).view(-1, 1, 1)
+                    if backprop_loops is not None and torch.is_grad_enabled():
+                        in_grad_window = (index >= loops - backprop_loops).view(-1, 1, 1)
                         new = torch.where(in_grad_window, new, new.detach())
-                    state = torch.where((index < steps).view(-1, 1, 1), new, state)
+                    state = torch.where((index < loops).view(-1, 1, 1), new, state)
                 else:
                     state = new
             if states is not None:
@@ -383,7 +390,7 @@ class LoopLM(nn.Module):
             if retirement is not None and index + 1 < total:
                 going_on = retirement.after(index + 1, state, e, ctx)
                 if going_on is None:
-                    return Recurrence(retirement.final, states, retirement.steps)
+                    return Recurrence(retirement.final, states, retirement.loops)
                 state, e, ctx = going_on
         if retirement is not None:
             return retirement.finish(total, state)._replace(states=states)
@@ -392,10 +399,10 @@ class LoopLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        num_steps: Steps | None = None,
+        loops: Steps | None = None,
         labels: torch.Tensor | None = None,
         *,
-        backprop_depth: int | None = None,
+        backprop_loops: int | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
         depth_generator: torch.Generator | None = None,
@@ -408,26 +415,31 @@ class LoopLM(nn.Module):
         halting_scale: float = 1.0,
         memory: Memory | torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        num_steps: Steps | None = None,
+        backprop_depth: int | None = None,
     ) -> LoopOutput:
         """Logits (and loss if ``labels``) for ``input_ids`` [B, T].
 
-        ``num_steps``: core iterations, an int >= 1 or a [B] tensor. If None, training mode draws it
-        from the configured sampler (with ``depth_generator``) and eval mode uses ``mean_steps``.
-        ``backprop_depth``: iterations with gradient; in training mode it defaults to the config's.
+        ``loops``: core iterations, an int >= 1 or a [B] tensor. If None, training mode draws it
+        from the configured sampler (with ``depth_generator``) and eval mode uses ``mean_loops``.
+        ``backprop_loops``: iterations with gradient; in training mode it defaults to the config's.
         ``generator`` / ``seed``: the random initial state's source; ``initial_state`` [B, T, D] replaces it.
         ``attention_mask``: see :meth:`context`; ``checkpoint_steps`` and ``on_state``: see :meth:`recur`.
         ``on_output(i, output)``: after iteration i, the state the model would decode if it stopped there (the
         latent state, or with ACT halting the halting mixture capped at i). ``halting_scale`` multiplies the ponder
         cost and KL added to the loss (the trainer's warm-up, :func:`loopformer.nn.halting.penalty_scale`).
         ``memory`` [M, memory_dim] or [B, M, memory_dim] (+ ``memory_mask`` [B, M]): conditioning vectors for the
-        memory pathway (models with ``memory_dim > 0``).
+        memory pathway (models with ``memory_dim > 0``). ``num_steps`` and ``backprop_depth`` are the deprecated
+        old names of ``loops`` and ``backprop_loops``.
         """
+        loops = keyword_alias(loops, num_steps, "num_steps", "loops")
+        backprop_loops = keyword_alias(backprop_loops, backprop_depth, "backprop_depth", "backprop_loops")
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}.")
         check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.shape[1] > self.config.max_seq_len:
             raise InputError(f"Sequence length {input_ids.shape[1]} exceeds max_seq_len ({self.config.max_seq_len}).")
-        steps, backprop_depth = self._resolve_depth(num_steps, backprop_depth, input_ids.shape[0], depth_generator)
+        steps, backprop_loops = self._resolve_loops(loops, backprop_loops, input_ids.shape[0], depth_generator)
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         ctx = self.context(input_ids, attention_mask=attention_mask)
@@ -442,7 +454,7 @@ class LoopLM(nn.Module):
         self.moe_records = [] if self.training and self.config.moe_routed else None
         act = self.act(steps)
         visit = _visitor(act, on_state, on_output)
-        state, states, _ = self.recur(state, e, ctx, steps, backprop_depth, return_states, checkpoint_steps, visit)
+        state, states, _ = self.recur(state, e, ctx, steps, backprop_loops, return_states, checkpoint_steps, visit)
         logits = self.decode(state if act is None else act.latest, ctx)
         loss = lm_loss(logits, labels) if labels is not None else None
         halting = None
@@ -454,7 +466,7 @@ class LoopLM(nn.Module):
         if loss is not None and self.moe_records and self.config.moe_aux_weight > 0:
             aux = torch.stack([record[3] for record in self.moe_records]).mean()
             loss = loss + self.config.moe_aux_weight * aux
-        return LoopOutput(logits=logits, loss=loss, state=state, steps=steps, states=states, halting=halting)
+        return LoopOutput(logits=logits, loss=loss, state=state, loops=steps, states=states, halting=halting)
 
     def act(self, cap: Steps) -> ACT | None:
         """A fresh ACT accumulator over the halting head, capped at ``cap`` iterations (None without a head).
@@ -485,30 +497,30 @@ class LoopLM(nn.Module):
         for layer, load in zip(self.core, loads, strict=True):
             layer.mlp.update_balance(load.to(layer.mlp.balance_bias.device))
 
-    def _resolve_depth(
+    def _resolve_loops(
         self,
-        num_steps: Steps | None,
-        backprop_depth: int | None,
+        loops: Steps | None,
+        backprop_loops: int | None,
         batch_size: int,
         depth_generator: torch.Generator | None,
     ) -> tuple[Steps, int | None]:
         rec = self.config.recurrence
-        if num_steps is None:
-            num_steps = sample_depth(rec, batch_size, depth_generator) if self.training else rec.mean_steps
-        if isinstance(num_steps, torch.Tensor):
-            if num_steps.shape != (batch_size,) or num_steps.dtype.is_floating_point:
-                raise InputError(f"Per-row num_steps must be an integer tensor of shape [{batch_size}].")
-            if int(num_steps.min()) < 1:
-                raise InputError("num_steps must be >= 1 for every row.")
-        elif int(num_steps) != num_steps or num_steps < 1:
-            raise InputError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+        if loops is None:
+            loops = sample_depth(rec, batch_size, depth_generator) if self.training else rec.mean_loops
+        if isinstance(loops, torch.Tensor):
+            if loops.shape != (batch_size,) or loops.dtype.is_floating_point:
+                raise InputError(f"Per-row loops must be an integer tensor of shape [{batch_size}].")
+            if int(loops.min()) < 1:
+                raise InputError("loops must be >= 1 for every row.")
+        elif int(loops) != loops or loops < 1:
+            raise InputError(f"loops must be an integer >= 1, got {loops!r}.")
         else:
-            num_steps = int(num_steps)
-        if backprop_depth is None and self.training:
-            backprop_depth = rec.backprop_depth
-        if backprop_depth is not None and backprop_depth < 1:
-            raise InputError(f"backprop_depth must be >= 1, got {backprop_depth}.")
-        return num_steps, backprop_depth
+            loops = int(loops)
+        if backprop_loops is None and self.training:
+            backprop_loops = rec.backprop_loops
+        if backprop_loops is not None and backprop_loops < 1:
+            raise InputError(f"backprop_loops must be >= 1, got {backprop_loops}.")
+        return loops, backprop_loops
 
 
 def _visitor(act: ACT | None, on_state: StateVisitor | None, on_output: StateVisitor | None) -> StateVisitor | None:

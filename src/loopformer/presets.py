@@ -32,7 +32,7 @@ def _anima(
         lora_rank=8,
         per_loop_slots=loops,
         max_seq_len=2048,
-        recurrence=RecurrenceConfig(mean_steps=loops, backprop_depth=max(loops // 2, 1)),
+        recurrence=RecurrenceConfig(mean_loops=loops, backprop_loops=max(loops // 2, 1)),
     )
 
 
@@ -49,7 +49,7 @@ def _parcae(dim: int, layers: int) -> ModelConfig:
         injection="lti",
         max_seq_len=2048,
         recurrence=RecurrenceConfig(
-            mean_steps=8, sampler="poisson", backprop_depth=math.ceil(8 / 2), per_sequence=True
+            mean_loops=8, sampler="poisson", backprop_loops=math.ceil(8 / 2), per_sequence=True
         ),
     )
 
@@ -74,7 +74,7 @@ def _mythos(dim: int, heads: int, loops: int, split: tuple[int, int, int], vocab
         moe_shared=1,
         moe_top_k=2,
         max_seq_len=1024,
-        recurrence=RecurrenceConfig(mean_steps=loops, backprop_depth=max(loops // 2, 1)),
+        recurrence=RecurrenceConfig(mean_loops=loops, backprop_loops=max(loops // 2, 1)),
     )
 
 
@@ -96,7 +96,7 @@ HUGINN_3_5B = ModelConfig(
     embed_scale=True,
     injection="concat",
     state_init="like-init",
-    recurrence=RecurrenceConfig(mean_steps=32, sampler="lognormal-poisson", backprop_depth=8),
+    recurrence=RecurrenceConfig(mean_loops=32, sampler="lognormal-poisson", backprop_loops=8),
 )
 
 PRESETS: dict[str, ModelConfig] = {
@@ -109,7 +109,7 @@ PRESETS: dict[str, ModelConfig] = {
         n_core=2,
         n_coda=1,
         max_seq_len=1024,
-        recurrence=RecurrenceConfig(mean_steps=4, backprop_depth=2),
+        recurrence=RecurrenceConfig(mean_loops=4, backprop_loops=2),
     ),
     "anima-micro": _anima(192, 6, 8, (2, 2, 2), 768),
     "anima-50m": _anima(832, 8, 16, (1, 1, 1), 1920),

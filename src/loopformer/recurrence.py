@@ -9,7 +9,7 @@ sampled on the CPU (they are a handful of integers) whatever device the model li
 * ``poisson`` (Parcae): r = max(1, Poisson(m)).
 * ``geometric``: r ~ Geometric(1/m) on {1, 2, ...} (mean m).
 
-``max_steps`` (if set) caps every draw.
+``max_loops`` (if set) caps every draw.
 """
 
 from __future__ import annotations
@@ -23,26 +23,26 @@ from loopformer.config import RecurrenceConfig
 
 def sample_depths(config: RecurrenceConfig, count: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
     """``count`` independent depth draws as a CPU LongTensor, each >= 1."""
-    m = float(config.mean_steps)
+    m = float(config.mean_loops)
     if config.sampler == "fixed":
-        steps = torch.full((count,), config.mean_steps, dtype=torch.long)
+        steps = torch.full((count,), config.mean_loops, dtype=torch.long)
     elif config.sampler == "lognormal-poisson":
         mu = math.log(m) - config.sigma**2 / 2
         rate = torch.exp(torch.normal(mu, config.sigma, (count,), generator=generator, dtype=torch.float64))
         steps = torch.poisson(rate, generator=generator).long() + 1
     elif config.sampler == "uniform":
-        steps = torch.randint(1, 2 * config.mean_steps, (count,), generator=generator)
+        steps = torch.randint(1, 2 * config.mean_loops, (count,), generator=generator)
     elif config.sampler == "poisson":
         rate = torch.full((count,), m, dtype=torch.float64)
         steps = torch.poisson(rate, generator=generator).long().clamp(min=1)
     else:  # geometric
-        if config.mean_steps == 1:
+        if config.mean_loops == 1:
             steps = torch.ones(count, dtype=torch.long)
         else:
             u = 1.0 - torch.rand(count, generator=generator, dtype=torch.float64)  # in (0, 1]
             steps = torch.floor(torch.log(u) / math.log(1.0 - 1.0 / m)).long() + 1
-    if config.max_steps is not None:
-        steps = steps.clamp(max=config.max_steps)
+    if config.max_loops is not None:
+        steps = steps.clamp(max=config.max_loops)
     return steps
 
 

@@ -9,7 +9,7 @@ import torch
 
 from loopformer import InputError, build_model
 from loopformer.analysis.curves import Curve, perplexity_curve, task_accuracy_curve
-from loopformer.evaluation.perplexity import evaluate_depths
+from loopformer.evaluation.perplexity import evaluate_loops
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.encoding import task_tokenizer
 from loopformer.tasks.evaluate import evaluate_task
@@ -55,7 +55,7 @@ def test_perplexity_curve_matches_evaluate_depths() -> None:
     curve = perplexity_curve(model, batches, LOOPS, "random text", seed=2)
     assert (curve.label, curve.metric, curve.loops) == ("random text", "perplexity", LOOPS)
     assert len(curve.values) == len(LOOPS) and all(value > 1 for value in curve.values)
-    assert curve.values == [r.perplexity for r in evaluate_depths(model, batches, LOOPS, seed=2)]
+    assert curve.values == [r.perplexity for r in evaluate_loops(model, batches, LOOPS, seed=2)]
     assert perplexity_curve(model, iter(batches), LOOPS, "again", seed=2).values == curve.values
 
 

@@ -33,7 +33,7 @@ def ids() -> torch.Tensor:
 def per_depth(model, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(state, fp64 log-probs) of a separate forward at each depth 1..LOOPS."""
     with torch.inference_mode():
-        outs = [model(ids, num_steps=r, seed=SEED) for r in range(1, LOOPS + 1)]
+        outs = [model(ids, loops=r, seed=SEED) for r in range(1, LOOPS + 1)]
     return [(out.state.double(), F.log_softmax(out.logits.double(), dim=-1)) for out in outs]
 
 
@@ -74,7 +74,7 @@ def test_exit_steps_equal_a_per_depth_reference(model, ids, per_depth, criterion
     expected = first_firing(values < threshold, first_step=2)
     assert len(expected.unique()) > 2, "the threshold should spread the exits"
     (stats,) = exit_statistics(model, ids, LOOPS, [f"{criterion}:{threshold!r}"], seed=SEED)
-    assert torch.equal(stats.steps, expected)
+    assert torch.equal(stats.loops, expected)
     assert stats.criterion_label == f"{criterion}:{threshold:g}"
 
 
@@ -82,19 +82,19 @@ def test_argmax_stability_one_fires_when_the_argmax_repeats(model, ids, per_dept
     top = torch.stack([log_probs.argmax(-1) for _, log_probs in per_depth])  # [LOOPS, B, T]
     repeats = top[1:] == top[:-1]
     (stats,) = exit_statistics(model, ids, LOOPS, ["argmax-stability:1"], seed=SEED)
-    assert torch.equal(stats.steps == 2, repeats[0])
+    assert torch.equal(stats.loops == 2, repeats[0])
     assert repeats[0].any() and not repeats[0].all(), "the fixture should show both cases"
-    assert torch.equal(stats.steps, first_firing(repeats, first_step=2))
+    assert torch.equal(stats.loops, first_firing(repeats, first_step=2))
 
 
 def test_zero_threshold_never_fires(model, ids) -> None:
     stats = exit_statistics(model, ids, LOOPS, ["kl:0", "latent-diff:0", "entropy-diff:0"], seed=SEED)
     for stat in stats:
-        assert (stat.steps == LOOPS).all()
+        assert (stat.loops == LOOPS).all()
         assert stat.histogram == {LOOPS: ids.numel()}
         assert stat.mean == LOOPS
-    (capped,) = exit_statistics(model, ids, LOOPS, [ExitRule("kl", 0.0, max_steps=3)])
-    assert (capped.steps == 3).all()
+    (capped,) = exit_statistics(model, ids, LOOPS, [ExitRule("kl", 0.0, max_loops=3)])
+    assert (capped.loops == 3).all()
 
 
 def test_histogram_counts_the_masked_positions(model, ids) -> None:
@@ -105,12 +105,12 @@ def test_histogram_counts_the_masked_positions(model, ids) -> None:
     assert [s.criterion_label for s in masked] == ["kl:0.01", "cosine:0.001", "argmax-stability:2"]
     for part, full in zip(masked, whole, strict=True):
         assert isinstance(part, ExitStatistics)
-        assert torch.equal(part.steps, full.steps) and part.steps.shape == ids.shape
-        assert ((part.steps >= 1) & (part.steps <= LOOPS)).all()
+        assert torch.equal(part.loops, full.loops) and part.loops.shape == ids.shape
+        assert ((part.loops >= 1) & (part.loops <= LOOPS)).all()
         assert sum(part.histogram.values()) == int(mask.sum())
         assert sum(full.histogram.values()) == ids.numel()
-        assert part.histogram == dict(sorted(Counter(part.steps[mask].tolist()).items()))
-        assert part.mean == pytest.approx(part.steps[mask].double().mean().item())
+        assert part.histogram == dict(sorted(Counter(part.loops[mask].tolist()).items()))
+        assert part.mean == pytest.approx(part.loops[mask].double().mean().item())
     empty = exit_statistics(model, ids, 2, ["kl"], mask=torch.zeros_like(mask))[0]
     assert empty.histogram == {} and math.isnan(empty.mean)
 

@@ -43,7 +43,7 @@ def test_shapes_and_probabilities(lens: LogitLens) -> None:
 def test_every_iteration_matches_a_separate_forward(model, ids, lens: LogitLens) -> None:
     with torch.inference_mode():
         for depth in range(1, LOOPS + 1):
-            log_probs = F.log_softmax(model(ids, num_steps=depth, seed=SEED).logits.float(), dim=-1)
+            log_probs = F.log_softmax(model(ids, loops=depth, seed=SEED).logits.float(), dim=-1)
             values, indices = log_probs.topk(4, dim=-1)
             assert torch.equal(lens.top_ids[depth - 1], indices)
             torch.testing.assert_close(lens.top_probs[depth - 1], values.exp())
@@ -53,7 +53,7 @@ def test_every_iteration_matches_a_separate_forward(model, ids, lens: LogitLens)
 
 def test_last_iteration_is_the_forward_argmax(model, ids, lens: LogitLens) -> None:
     with torch.inference_mode():
-        logits = model(ids, num_steps=LOOPS, seed=SEED).logits
+        logits = model(ids, loops=LOOPS, seed=SEED).logits
     assert torch.equal(lens.final_ids, logits.argmax(-1))
     assert torch.equal(lens.top_ids[-1, ..., 0], lens.final_ids)
     # another seed starts elsewhere: the lens follows the seed it was given

@@ -34,7 +34,7 @@ def test_final_states_equal_the_forward(ids) -> None:
     assert finals.shape == (len(SEEDS), 2, 6, 32)
     with torch.inference_mode():
         for index, seed in enumerate(SEEDS):
-            torch.testing.assert_close(finals[index], model(ids, num_steps=3, seed=seed).state)
+            torch.testing.assert_close(finals[index], model(ids, loops=3, seed=seed).state)
 
 
 def test_contractive_model_is_path_independent(ids) -> None:

@@ -27,7 +27,7 @@ def ids() -> torch.Tensor:
 
 def forward_states(model, ids, normed=False, attention_mask=None) -> torch.Tensor:
     with torch.inference_mode():
-        out = model(ids, num_steps=LOOPS, seed=3, return_states=True, attention_mask=attention_mask)
+        out = model(ids, loops=LOOPS, seed=3, return_states=True, attention_mask=attention_mask)
         states = torch.stack(out.states)
         return model.final_norm(states) if normed else states
 

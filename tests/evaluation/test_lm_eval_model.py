@@ -59,7 +59,7 @@ def request(*args: object) -> SimpleNamespace:
 def direct_log_probs(lm: LoopformerLM, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(ids[t] | ids[:t]) for t >= 1 and the argmax predictions, from one forward pass over ``ids[:-1]``."""
     with torch.no_grad():
-        logits = lm.engine.model(torch.tensor([ids[:-1]]), num_steps=LOOPS).logits[0].float()
+        logits = lm.engine.model(torch.tensor([ids[:-1]]), loops=LOOPS).logits[0].float()
     logits[:, TOKENIZER.vocab_size :] = -math.inf
     log_probs = torch.log_softmax(logits, dim=-1)
     targets = torch.tensor(ids[1:])

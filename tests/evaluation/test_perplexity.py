@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from loopformer.errors import InputError
 from loopformer.evaluation.perplexity import (
     DepthResult,
-    evaluate_depths,
-    format_depth_table,
+    evaluate_loops,
+    format_loops_table,
     relative_change,
     token_correlation,
 )
@@ -43,7 +43,7 @@ def reference(model: torch.nn.Module, batches: list[Batch], depth: int, seed: in
     total, count, changes = 0.0, 0, []
     with torch.no_grad():
         for b in batches:
-            out = model(b.input_ids, num_steps=depth, seed=seed, return_states=True)
+            out = model(b.input_ids, loops=depth, seed=seed, return_states=True)
             logits, targets = out.logits[:, :-1], b.labels[:, 1:]
             keep = targets != -100
             log_probs = F.log_softmax(logits.float(), dim=-1)
@@ -63,10 +63,10 @@ def test_matches_separate_forward_calls(injection: str) -> None:
     model = build_model(config, seed=0)
     batches = make_batches(config.vocab_size)
     depths = [3, 1, 5, 2]
-    results = evaluate_depths(model, batches, depths, seed=7)
-    assert [r.steps for r in results] == depths
+    results = evaluate_loops(model, batches, depths, seed=7)
+    assert [r.loops for r in results] == depths
     for result in results:
-        loss, change, count = reference(model, batches, result.steps, seed=7)
+        loss, change, count = reference(model, batches, result.loops, seed=7)
         assert result.tokens == count == 2 * (2 * 11 - 3)
         assert result.loss == pytest.approx(loss, abs=1e-5)
         assert result.perplexity == pytest.approx(math.exp(loss), rel=1e-5)
@@ -80,10 +80,10 @@ def test_decoded_logits_equal_forward_logits() -> None:
     model = build_model(config, seed=0).eval()
     ids = make_batches(config.vocab_size, count=1)[0].input_ids
     with torch.no_grad():
-        deep = model(ids, num_steps=4, seed=3, return_states=True)
+        deep = model(ids, loops=4, seed=3, return_states=True)
         ctx = model.context(ids)
         for r in range(1, 5):
-            torch.testing.assert_close(model.decode(deep.states[r - 1], ctx), model(ids, num_steps=r, seed=3).logits)
+            torch.testing.assert_close(model.decode(deep.states[r - 1], ctx), model(ids, loops=r, seed=3).logits)
 
 
 def test_ignored_labels_do_not_count() -> None:
@@ -92,25 +92,25 @@ def test_ignored_labels_do_not_count() -> None:
     batches = make_batches(config.vocab_size, count=1)
     ids, labels = batches[0].input_ids, batches[0].labels.clone()
     labels[1] = -100  # the second row scores nothing: the loss is the first row's alone
-    both = evaluate_depths(model, [Batch(ids, labels)], [2])[0]
-    first = evaluate_depths(model, [Batch(ids[:1], labels[:1])], [2])[0]
+    both = evaluate_loops(model, [Batch(ids, labels)], [2])[0]
+    first = evaluate_loops(model, [Batch(ids[:1], labels[:1])], [2])[0]
     assert both.tokens == first.tokens == 11 - 3
     assert both.loss == pytest.approx(first.loss, abs=1e-5)
     changed = Batch(ids, labels)
     everything_ignored = Batch(changed.input_ids, torch.full_like(changed.labels, -100))
     with pytest.raises(InputError, match="no scored tokens"):
-        evaluate_depths(model, [everything_ignored], [1])
+        evaluate_loops(model, [everything_ignored], [1])
 
 
 def test_mode_restored_and_seed_matters() -> None:
     config = small_config()
     model = build_model(config, seed=0).train()
     batches = make_batches(config.vocab_size, count=1)
-    first = evaluate_depths(model, batches, [2], seed=0)
+    first = evaluate_loops(model, batches, [2], seed=0)
     assert model.training
     model.eval()
-    again = evaluate_depths(model, batches, [2], seed=0)
-    other_seed = evaluate_depths(model, batches, [2], seed=1)
+    again = evaluate_loops(model, batches, [2], seed=0)
+    other_seed = evaluate_loops(model, batches, [2], seed=1)
     assert not model.training
     assert first == again
     assert other_seed[0].loss != first[0].loss
@@ -122,16 +122,16 @@ def test_forward_kwargs_reach_the_forward_call_and_the_decoded_depths() -> None:
     batches = make_batches(config.vocab_size, count=1)
     t = batches[0].input_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
-    plain = evaluate_depths(model, batches, [1, 3])
-    same = evaluate_depths(model, batches, [1, 3], forward_kwargs=lambda b: {"attention_mask": causal})
+    plain = evaluate_loops(model, batches, [1, 3])
+    same = evaluate_loops(model, batches, [1, 3], forward_kwargs=lambda b: {"attention_mask": causal})
     for a, b in zip(plain, same, strict=True):
         assert a.loss == pytest.approx(b.loss, abs=1e-6)
     diagonal = torch.eye(t, dtype=torch.bool)[None, None]  # every token sees only itself
-    isolated = evaluate_depths(model, batches, [1, 3], forward_kwargs=lambda b: {"attention_mask": diagonal})
+    isolated = evaluate_loops(model, batches, [1, 3], forward_kwargs=lambda b: {"attention_mask": diagonal})
     assert isolated[1].loss != pytest.approx(plain[1].loss, abs=1e-4)
     # the decoded depth (1) uses the same mask as the forward call (3): compare with a direct call
     with torch.no_grad():
-        out = model(batches[0].input_ids, num_steps=1, seed=0, attention_mask=diagonal)
+        out = model(batches[0].input_ids, loops=1, seed=0, attention_mask=diagonal)
     targets = batches[0].labels[:, 1:]
     loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
     assert isolated[0].loss == pytest.approx(float(loss), abs=1e-5)
@@ -141,11 +141,11 @@ def test_bad_arguments() -> None:
     model = build_model(small_config(), seed=0)
     batches = make_batches(64, count=1)
     with pytest.raises(InputError, match="depths"):
-        evaluate_depths(model, batches, [0])
+        evaluate_loops(model, batches, [0])
     with pytest.raises(InputError, match="at least one depth"):
-        evaluate_depths(model, batches, [])
+        evaluate_loops(model, batches, [])
     with pytest.raises(InputError, match="no batches"):
-        evaluate_depths(model, [], [1])
+        evaluate_loops(model, [], [1])
 
 
 def test_token_correlation() -> None:
@@ -172,14 +172,14 @@ def test_relative_change() -> None:
     assert relative_change(new, torch.tensor([[3.0, 3.0]])) == pytest.approx(0.2)
 
 
-def test_format_depth_table() -> None:
+def test_format_loops_table() -> None:
     results = [
-        DepthResult(steps=1, loss=4.1234, perplexity=61.77, state_change=0.5, token_correlation=0.25, tokens=10),
-        DepthResult(steps=16, loss=2.5, perplexity=12.18, state_change=1.5e-3, token_correlation=0.875, tokens=10),
+        DepthResult(loops=1, loss=4.1234, perplexity=61.77, state_change=0.5, token_correlation=0.25, tokens=10),
+        DepthResult(loops=16, loss=2.5, perplexity=12.18, state_change=1.5e-3, token_correlation=0.875, tokens=10),
     ]
-    table = format_depth_table(results)
+    table = format_loops_table(results)
     lines = table.splitlines()
-    assert lines[0].split() == ["steps", "loss", "ppl", "state", "change", "token", "corr."]
+    assert lines[0].split() == ["loops", "loss", "ppl", "state", "change", "token", "corr."]
     assert len(lines) == 4
     for text in ("4.1234", "61.77", "5.00e-01", "0.25", "16", "2.5", "12.18", "1.50e-03", "0.875"):
         assert text in table
@@ -196,7 +196,7 @@ def test_deepest_depth_runs_once_per_batch(monkeypatch: pytest.MonkeyPatch) -> N
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(model, "step", counting_step)
-    evaluate_depths(model, make_batches(config.vocab_size, count=2), [1, 2, 3, 4, 5, 6])
+    evaluate_loops(model, make_batches(config.vocab_size, count=2), [1, 2, 3, 4, 5, 6])
     assert calls["n"] == 2 * 6  # not 2 * (1 + 2 + ... + 6)
 
 
@@ -204,7 +204,7 @@ def test_autocast_close_to_fp32() -> None:
     config = small_config()
     model = build_model(config, seed=0)
     batches = make_batches(config.vocab_size, count=1)
-    full = evaluate_depths(model, batches, [1, 3])
-    half = evaluate_depths(model, batches, [1, 3], autocast_dtype=torch.bfloat16)
+    full = evaluate_loops(model, batches, [1, 3])
+    half = evaluate_loops(model, batches, [1, 3], autocast_dtype=torch.bfloat16)
     for a, b in zip(full, half, strict=True):
         assert math.isfinite(b.loss) and b.loss == pytest.approx(a.loss, abs=0.05)

@@ -70,7 +70,7 @@ def test_score_halts_where_the_head_says(rule: str, loops: int, halting_input: s
     log_probs, steps, _ = engine.score(ids, GenerationConfig(loops=loops, exit=rule))
     positions = torch.arange(9).expand(3, 9)
     with torch.no_grad():
-        out = model(ids, num_steps=loops, initial_state=engine.initial_state(positions), return_states=True)
+        out = model(ids, loops=loops, initial_state=engine.initial_state(positions), return_states=True)
         caps = torch.full((3, 9), loops) if rule == "act" else torch.cat((steps, torch.full((3, 1), loops)), 1)
         expected_steps, mixture = naive_halting(model, out.states, caps)
         logits = model.decode(mixture, model.context(ids))
@@ -95,7 +95,7 @@ def test_threshold_one_runs_the_budget_and_equals_the_fixed_depth_pass() -> None
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
     exits = engine.score(ids, GenerationConfig(loops=5, exit="act:1"))
     fixed = engine.score(ids, GenerationConfig(loops=5))
-    assert bool((exits.steps == 5).all())
+    assert bool((exits.loops == 5).all())
     torch.testing.assert_close(exits.log_probs, fixed.log_probs, atol=1e-5, rtol=0)
 
 
@@ -108,13 +108,13 @@ def test_halted_rows_leave_the_batch_and_nothing_else_changes(halting_input: str
     )
     compact, masked = results[True].outputs, results[False].outputs
     assert [o.tokens for o in compact] == [o.tokens for o in masked]
-    assert [o.steps for o in compact] == [o.steps for o in masked]
-    assert any(len({o.steps[t] for o in compact}) > 1 for t in range(1, 10))
+    assert [o.loops for o in compact] == [o.loops for o in masked]
+    assert any(len({o.loops[t] for o in compact}) > 1 for t in range(1, 10))
     assert rows[True] < rows[False]
     # exactly the iterations the tokens ran: the prefill at the full budget, then each token's own depth
     prefill = len(PROMPTS) * 8
-    assert rows[True] == model.config.n_core * (prefill + sum(sum(o.steps[1:]) for o in compact))
-    assert results[True].mean_steps < 8
+    assert rows[True] == model.config.n_core * (prefill + sum(sum(o.loops[1:]) for o in compact))
+    assert results[True].mean_loops < 8
 
 
 def test_batch_equals_each_prompt_alone() -> None:
@@ -123,7 +123,7 @@ def test_batch_equals_each_prompt_alone() -> None:
     batch = engine.generate(PROMPTS, config).outputs
     for prompt, output in zip(PROMPTS, batch, strict=True):
         alone = engine.generate([prompt], config).outputs[0]
-        assert alone.tokens == output.tokens and alone.steps == output.steps
+        assert alone.tokens == output.tokens and alone.loops == output.loops
 
 
 def test_tracker_fires_on_the_cumulative_probability() -> None:
@@ -152,8 +152,8 @@ def test_the_rule_is_parsed_and_refused_where_it_cannot_work() -> None:
     assert parse_exit_rule("act:0.9").threshold == 0.9
     with pytest.raises(InputError, match=r"cumulative probability in \(0, 1\]"):
         parse_exit_rule("act:1.5")
-    with pytest.raises(InputError, match="min_steps and check_every must be 1"):
-        ExitRule("act", 0.99, min_steps=2)
+    with pytest.raises(InputError, match="min_loops and check_every must be 1"):
+        ExitRule("act", 0.99, min_loops=2)
     with pytest.raises(InputError, match="halting head"):
         ExitTracker("act")
     plain = Engine(build_model(small_config(), seed=0))

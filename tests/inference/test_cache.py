@@ -86,8 +86,8 @@ def test_slot_mapping(text: str, slots: int, expected: list[int]) -> None:
 
 def test_a_ring_larger_than_the_depth_allocates_no_more_than_the_full_cache() -> None:
     config = small_config()
-    full = KVCache(config, 1, 4, "full", max_steps=4)
-    assert KVCache(config, 1, 4, "ring:1000000", max_steps=4).nbytes() == full.nbytes()
+    full = KVCache(config, 1, 4, "full", max_loops=4)
+    assert KVCache(config, 1, 4, "ring:1000000", max_loops=4).nbytes() == full.nbytes()
     assert cache_bytes(config, "ring:1000", 4, 4) == cache_bytes(config, "full", 4, 4)
 
 
@@ -95,9 +95,9 @@ def test_a_ring_larger_than_the_depth_allocates_no_more_than_the_full_cache() ->
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cache_bytes_matches_the_allocation(text: str, batch: int) -> None:
     config = small_config(n_kv_heads=2, n_core=3)
-    cache = KVCache(config, batch, 11, text, max_steps=5)
+    cache = KVCache(config, batch, 11, text, max_loops=5)
     assert cache_bytes(config, text, 11, 5, batch_size=batch) == cache.nbytes()
-    half = KVCache(config, batch, 11, text, max_steps=5, dtype=torch.float16)
+    half = KVCache(config, batch, 11, text, max_loops=5, dtype=torch.float16)
     assert cache_bytes(config, text, 11, 5, batch_size=batch, element_bytes=2) == half.nbytes()
     core_k, core_v = cache.store["core"]
     assert core_k.shape == (3, parse_slot_policy(text).slots(5), batch, 2, 11, config.head_dim) == core_v.shape
@@ -120,7 +120,7 @@ def test_cache_bytes_ratio_follows_the_layer_count() -> None:
     [
         {"batch_size": 0, "capacity": 4},
         {"batch_size": 1, "capacity": 0},
-        {"batch_size": 1, "capacity": 4, "max_steps": 0},
+        {"batch_size": 1, "capacity": 4, "max_loops": 0},
         {"batch_size": 1, "capacity": 4, "policy": "ring:x"},
     ],
 )
@@ -143,7 +143,7 @@ def filled_cache(policy: str) -> KVCache:
     length are invalid.
     """
     generator = torch.Generator().manual_seed(1)
-    cache = KVCache(CONFIG, BATCH, CAPACITY, policy, max_steps=MAX_STEPS)
+    cache = KVCache(CONFIG, BATCH, CAPACITY, policy, max_loops=MAX_STEPS)
     for role in ("prelude", "core", "coda"):
         for tensor in cache.store[role]:
             tensor.copy_(torch.randn(tensor.shape, generator=generator))
@@ -286,20 +286,20 @@ def test_prelude_and_coda_have_one_slot(role: str) -> None:
 
 
 def test_full_cache_refuses_an_iteration_beyond_max_steps() -> None:
-    cache = KVCache(CONFIG, 1, 4, "full", max_steps=3)
+    cache = KVCache(CONFIG, 1, 4, "full", max_loops=3)
     kv = cache.begin(torch.tensor([0]), torch.zeros(1, 1, dtype=torch.long))
     keys = torch.zeros(1, 1, CONFIG.n_kv_heads, CONFIG.head_dim)
     kv.exchange("core", 0, 2, keys, keys)
-    with pytest.raises(InputError, match="max_steps"):
+    with pytest.raises(InputError, match="max_loops"):
         kv.exchange("core", 0, 3, keys, keys)
-    ring = KVCache(CONFIG, 1, 4, "ring:2", max_steps=3)
+    ring = KVCache(CONFIG, 1, 4, "ring:2", max_loops=3)
     kv = ring.begin(torch.tensor([0]), torch.zeros(1, 1, dtype=torch.long))
     kv.exchange("core", 0, 7, keys, keys)  # a ring wraps around at any depth
 
 
 # ----- bookkeeping -------------------------------------------------------------------------------------
 def test_commit_and_truncate_bookkeeping() -> None:
-    cache = KVCache(CONFIG, 3, 10, "full", max_steps=4)
+    cache = KVCache(CONFIG, 3, 10, "full", max_loops=4)
     rows = torch.arange(3)
     real = torch.tensor([[False, True, True], [True, True, True], [False, False, True]])
     positions = (real.long().cumsum(dim=1) - 1).clamp_min(0)
@@ -336,7 +336,7 @@ def test_commit_and_truncate_bookkeeping() -> None:
 
 
 def test_pass_beyond_capacity_is_refused() -> None:
-    cache = KVCache(CONFIG, 2, 5, "full", max_steps=2)
+    cache = KVCache(CONFIG, 2, 5, "full", max_loops=2)
     rows = torch.arange(2)
     cache.begin(rows, torch.arange(4).expand(2, 4))
     cache.commit(rows, torch.tensor([4, 2]), torch.full((2, 4), 2))
@@ -359,7 +359,7 @@ def attend(mask: torch.Tensor | None, batch: int, queries: int, keys: int) -> to
 
 
 def test_mask_of_a_left_padded_prefill() -> None:
-    cache = KVCache(CONFIG, 2, 8, "full", max_steps=2)
+    cache = KVCache(CONFIG, 2, 8, "full", max_loops=2)
     real = torch.tensor([[False, False, True, True], [True, True, True, True]])
     positions = (real.long().cumsum(dim=1) - 1).clamp_min(0)
     kv = cache.begin(torch.arange(2), positions, real)
@@ -377,7 +377,7 @@ def test_mask_of_a_left_padded_prefill() -> None:
 
 
 def test_mask_of_a_decode_step() -> None:
-    cache = KVCache(CONFIG, 2, 8, "full", max_steps=2)
+    cache = KVCache(CONFIG, 2, 8, "full", max_loops=2)
     rows = torch.arange(2)
     real = torch.tensor([[False, True, True], [True, True, True]])
     cache.begin(rows, (real.long().cumsum(dim=1) - 1).clamp_min(0), real)
@@ -392,7 +392,7 @@ def test_mask_of_a_decode_step() -> None:
     assert kv.end == 6
     assert kv.mask[:, 0, 0].tolist() == [[False, True, True, True, True, False], [True] * 6]
     # every row of equal length, no padding: no mask needed
-    plain = KVCache(CONFIG, 2, 8, "full", max_steps=2)
+    plain = KVCache(CONFIG, 2, 8, "full", max_loops=2)
     plain.begin(rows, torch.arange(3).expand(2, 3))
     plain.commit(rows, torch.full((2,), 3), torch.full((2, 3), 2))
     assert plain.begin(rows, plain.next_positions(rows)[:, None]).mask is None
@@ -400,7 +400,7 @@ def test_mask_of_a_decode_step() -> None:
 
 def test_mask_of_a_sliding_window() -> None:
     config = small_config(sliding_window=3)
-    cache = KVCache(config, 1, 10, "full", max_steps=2)
+    cache = KVCache(config, 1, 10, "full", max_loops=2)
     rows = torch.tensor([0])
     kv = cache.begin(rows, torch.arange(6)[None])
     i, j = torch.arange(6)[:, None], torch.arange(6)[None]
@@ -409,7 +409,7 @@ def test_mask_of_a_sliding_window() -> None:
     kv = cache.begin(rows, torch.tensor([[6]]))
     assert kv.mask[0, 0, 0].tolist() == [False] * 4 + [True] * 3
     # within the window at the start of a sequence no mask is needed
-    short = KVCache(config, 1, 10, "full", max_steps=2)
+    short = KVCache(config, 1, 10, "full", max_loops=2)
     short.begin(rows, torch.arange(2)[None])
     short.commit(rows, torch.tensor([2]), torch.full((1, 2), 2))
     assert short.begin(rows, torch.tensor([[2]])).mask is None
@@ -418,7 +418,7 @@ def test_mask_of_a_sliding_window() -> None:
 def test_window_counts_positions_not_columns() -> None:
     """With left padding the window is measured in RoPE positions, so padding does not shrink it."""
     config = small_config(sliding_window=2)
-    cache = KVCache(config, 1, 8, "full", max_steps=2)
+    cache = KVCache(config, 1, 8, "full", max_loops=2)
     real = torch.tensor([[False, False, True, True, True]])
     kv = cache.begin(torch.tensor([0]), (real.long().cumsum(dim=1) - 1).clamp_min(0), real)
     assert kv.mask[0, 0].tolist() == [
@@ -432,7 +432,7 @@ def test_window_counts_positions_not_columns() -> None:
 
 
 def test_select_keeps_the_rows_of_the_mask() -> None:
-    cache = KVCache(CONFIG, 3, 6, "full", max_steps=2)
+    cache = KVCache(CONFIG, 3, 6, "full", max_loops=2)
     real = torch.tensor([[False, True], [True, True], [False, False]])
     kv = cache.begin(torch.arange(3), (real.long().cumsum(dim=1) - 1).clamp_min(0), real)
     view = kv.select(torch.tensor([2, 0]))

@@ -43,7 +43,7 @@ def _compare(engine: Engine, config: GenerationConfig, monkeypatch: pytest.Monke
     assert torch.equal(compiled_scores.predictions, eager_scores.predictions)
     compiled = engine.generate(PROMPTS, replace(config, compile=True))
     assert [o.tokens for o in compiled.outputs] == [o.tokens for o in eager.outputs]
-    assert [o.steps for o in compiled.outputs] == [o.steps for o in eager.outputs]
+    assert [o.loops for o in compiled.outputs] == [o.loops for o in eager.outputs]
     assert counts["compiled passes"] == counts["single-token passes"] > 0  # every decoding pass ran compiled
 
 

@@ -41,7 +41,7 @@ def forward_log_probs(model: LoopLM, engine: Engine, ids: torch.Tensor, loops: i
     """Log-probabilities of each next token from one full forward pass with the engine's initial states."""
     positions = torch.arange(ids.shape[1]).expand(ids.shape)
     with torch.no_grad():
-        out = model(ids, num_steps=loops, initial_state=engine.initial_state(positions))
+        out = model(ids, loops=loops, initial_state=engine.initial_state(positions))
     return torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
 
 
@@ -107,7 +107,7 @@ def test_left_padded_prefill_then_decode_matches_the_forward(kv: str, loops: int
         full = torch.tensor([prompt + continuation[b].tolist()])
         positions = torch.arange(full.shape[1])[None]
         with torch.no_grad():
-            out = model(full, num_steps=loops, initial_state=engine.initial_state(positions))
+            out = model(full, loops=loops, initial_state=engine.initial_state(positions))
         torch.testing.assert_close(got[b], out.logits[0, len(prompt) - 1 :], atol=1e-4, rtol=0)
 
 
@@ -132,7 +132,7 @@ BATCH_CASES: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {"loops": 4}),
     "deep": ({}, {"loops": 12}),
     "exit": ({}, {"loops": 8, "exit": LATENT}),
-    "exit-check-every": ({}, {"loops": 9, "exit": ExitRule("kl", 0.01, min_steps=3, check_every=2)}),
+    "exit-check-every": ({}, {"loops": 9, "exit": ExitRule("kl", 0.01, min_loops=3, check_every=2)}),
     "exit-masked": ({}, {"loops": 8, "exit": LATENT, "compaction": False}),
     "exit-gqa": ({"n_kv_heads": 2}, {"loops": 8, "exit": LATENT}),
     "exit-window": ({"sliding_window": 4}, {"loops": 8, "exit": LATENT}),
@@ -154,11 +154,11 @@ def test_batch_with_left_padding_equals_each_prompt_alone(case: str) -> None:
     for prompt, output in zip(PROMPTS, batch.outputs, strict=True):
         alone = engine.generate([prompt], config).outputs[0]
         assert output.tokens == alone.tokens
-        assert output.steps == alone.steps
+        assert output.loops == alone.loops
         assert output.finish_reason == alone.finish_reason == "length"
         assert len(output.tokens) == 10
     if config.exit is not None:  # the rows really exited at different depths
-        assert len({s for o in batch.outputs for s in o.steps}) > 2
+        assert len({s for o in batch.outputs for s in o.loops}) > 2
 
 
 def test_equal_length_tensor_prompts_equal_id_lists() -> None:
@@ -195,7 +195,7 @@ def test_result_reports_the_cache_size() -> None:
         # capacity: the padded prompt width plus room for every new token
         assert result.cache_bytes == cache_bytes(model.config, kv, 6 + 5, 6, batch_size=len(PROMPTS))
         assert result.seconds >= 0 and result.acceptance_rate is None
-        assert result.new_tokens == 5 * len(PROMPTS) and result.mean_steps == 6
+        assert result.new_tokens == 5 * len(PROMPTS) and result.mean_loops == 6
         sizes[kv] = result.cache_bytes
     assert sizes["full"] > sizes["ring:2"] > sizes["last"]
 
@@ -205,22 +205,22 @@ def test_result_reports_the_cache_size() -> None:
     ("rule", "loops", "allowed"),
     [
         (ExitRule("latent-diff", 0.3), 8, set(range(1, 9))),
-        (ExitRule("latent-diff", 0.5, min_steps=3, check_every=2), 9, {4, 6, 8, 9}),
-        (ExitRule("kl", 0.01, min_steps=2), 7, set(range(2, 8))),
+        (ExitRule("latent-diff", 0.5, min_loops=3, check_every=2), 9, {4, 6, 8, 9}),
+        (ExitRule("kl", 0.01, min_loops=2), 7, set(range(2, 8))),
         (ExitRule("argmax-stability", 1, check_every=3), 10, {3, 6, 9, 10}),
-        (ExitRule("cosine", 0.02, min_steps=4), 8, set(range(4, 9))),
+        (ExitRule("cosine", 0.02, min_loops=4), 8, set(range(4, 9))),
     ],
 )
 def test_exit_steps_respect_the_rule(rule: ExitRule, loops: int, allowed: set[int]) -> None:
     engine = Engine(make_model())
     result = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=12, loops=loops, exit=rule))
-    steps = [s for o in result.outputs for s in o.steps]
+    steps = [s for o in result.outputs for s in o.loops]
     for output in result.outputs:
-        assert len(output.steps) == len(output.tokens) == 12
-        assert output.steps[0] == loops  # the first token comes from the prefill, at the full depth
-        assert set(output.steps) <= allowed
+        assert len(output.loops) == len(output.tokens) == 12
+        assert output.loops[0] == loops  # the first token comes from the prefill, at the full depth
+        assert set(output.loops) <= allowed
     assert len(set(steps)) > 1 and min(steps) < loops  # some tokens exited early
-    assert result.mean_steps == pytest.approx(sum(steps) / len(steps))
+    assert result.mean_loops == pytest.approx(sum(steps) / len(steps))
 
 
 @pytest.mark.parametrize("rule", [ExitRule("kl", 0.0), ExitRule("latent-diff", 0.0), ExitRule("cosine", 0.0)])
@@ -228,20 +228,20 @@ def test_threshold_zero_never_exits(rule: ExitRule) -> None:
     engine = Engine(make_model())
     config = GenerationConfig(max_new_tokens=6, loops=5, exit=rule)
     result = engine.generate(PROMPTS, config)
-    assert all(s == 5 for o in result.outputs for s in o.steps)
+    assert all(s == 5 for o in result.outputs for s in o.loops)
     plain = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=6, loops=5))
     assert [o.tokens for o in result.outputs] == [o.tokens for o in plain.outputs]
 
 
 def test_exit_max_steps_sets_the_default_depth() -> None:
     engine = Engine(make_model())
-    config = GenerationConfig(max_new_tokens=6, exit=ExitRule("kl", 0.0, max_steps=5))
+    config = GenerationConfig(max_new_tokens=6, exit=ExitRule("kl", 0.0, max_loops=5))
     result = engine.generate(PROMPTS, config)
-    assert all(s == 5 for o in result.outputs for s in o.steps)
-    assert engine.resolve_loops(GenerationConfig()) == 3  # the model's mean_steps
+    assert all(s == 5 for o in result.outputs for s in o.loops)
+    assert engine.resolve_loops(GenerationConfig()) == 3  # the model's mean_loops
 
 
-@pytest.mark.parametrize("rule", [LATENT, ExitRule("kl", 0.01, min_steps=2), ExitRule("argmax-stability", 1)])
+@pytest.mark.parametrize("rule", [LATENT, ExitRule("kl", 0.01, min_loops=2), ExitRule("argmax-stability", 1)])
 def test_compaction_changes_nothing_but_the_work(rule: ExitRule) -> None:
     model = make_model()
     engine = Engine(model)
@@ -250,16 +250,16 @@ def test_compaction_changes_nothing_but_the_work(rule: ExitRule) -> None:
     )
     compact, masked = results[True].outputs, results[False].outputs
     assert [o.tokens for o in compact] == [o.tokens for o in masked]
-    assert [o.steps for o in compact] == [o.steps for o in masked]
+    assert [o.loops for o in compact] == [o.loops for o in masked]
     # rows exited at different depths within a pass, so removing them saved work
-    assert any(len({o.steps[t] for o in compact}) > 1 for t in range(1, 10))
+    assert any(len({o.loops[t] for o in compact}) > 1 for t in range(1, 10))
     assert rows[True] < rows[False]
     # masking runs every row to the deepest exit of its pass: count that exactly
     prefill = len(PROMPTS) * 8
-    deepest = sum(max(o.steps[t] for o in compact) for t in range(1, 10))
+    deepest = sum(max(o.loops[t] for o in compact) for t in range(1, 10))
     assert rows[False] == model.config.n_core * (prefill + len(PROMPTS) * deepest)
     exact = sum(
-        sum(sum(1 for o in compact if o.steps[t] > i) for i in range(max(o.steps[t] for o in compact)))
+        sum(sum(1 for o in compact if o.loops[t] > i) for i in range(max(o.loops[t] for o in compact)))
         for t in range(1, 10)
     )
     assert rows[True] == model.config.n_core * (prefill + exact)
@@ -277,7 +277,7 @@ def test_compaction_off_matches_compaction_with_shared_slots(kv: str) -> None:
         )
         outputs[compaction] = engine.generate(PROMPTS, config).outputs
     assert [o.tokens for o in outputs[False]] == [o.tokens for o in outputs[True]]
-    assert [o.steps for o in outputs[False]] == [o.steps for o in outputs[True]]
+    assert [o.loops for o in outputs[False]] == [o.loops for o in outputs[True]]
 
 
 def test_score_reports_the_steps_of_each_token() -> None:
@@ -382,7 +382,7 @@ def test_stop_tokens_end_a_row_without_the_token() -> None:
             assert output.tokens == free[b].tokens and output.finish_reason == "length"
         else:
             assert output.tokens == free[b].tokens[:first]
-            assert output.steps == free[b].steps[:first]
+            assert output.loops == free[b].loops[:first]
             assert output.finish_reason == "stop"
     assert all(stopped[b].finish_reason == "stop" for b in cuts)
 
@@ -471,8 +471,8 @@ def test_stream_matches_generate(byte_engine: Engine, stop_strings: tuple[str, .
         mine = [e for e in events if e.row == b]
         assert "".join(e.text for e in mine) == output.text == stream.result.outputs[b].text
         assert [e.token for e in mine if e.token is not None] == output.tokens
-        assert [e.steps for e in mine if e.token is not None] == output.steps
-        assert all(e.steps == 0 for e in mine if e.token is None)  # a held-back tail carries no token
+        assert [e.loops for e in mine if e.token is not None] == output.loops
+        assert all(e.loops == 0 for e in mine if e.token is None)  # a held-back tail carries no token
     assert [o.tokens for o in stream.result.outputs] == [o.tokens for o in result.outputs]
 
 

@@ -180,7 +180,7 @@ def test_latent_criteria_need_no_logits_and_copy_the_state() -> None:
 
 # ----- the rule semantics ----------------------------------------------------------------------------
 def run(rule: ExitRule, steps: int = 8) -> list[bool]:
-    """Whether the rule fires at steps 1..steps for one position whose logits never change."""
+    """Whether the rule fires at steps 1..loops for one position whose logits never change."""
     tracker = ExitTracker(rule)
     logits = torch.randn(1, VOCAB)
     return [bool(tracker.update(step, None, logits)[0]) for step in range(1, steps + 1)]
@@ -191,7 +191,7 @@ def test_first_iteration_never_exits_by_criterion() -> None:
 
 
 def test_min_steps_delays_the_exit() -> None:
-    assert run(ExitRule("kl", 1e-3, min_steps=4)) == [False] * 3 + [True] * 5
+    assert run(ExitRule("kl", 1e-3, min_loops=4)) == [False] * 3 + [True] * 5
 
 
 def test_check_every_only_checks_multiples() -> None:
@@ -199,9 +199,9 @@ def test_check_every_only_checks_multiples() -> None:
 
 
 def test_max_steps_forces_the_exit() -> None:
-    # threshold 0: a difference is never < 0, so only max_steps ends the loop
-    assert run(ExitRule("kl", 0.0, max_steps=5)) == [False] * 4 + [True] * 4
-    tracker = ExitTracker(ExitRule("cosine", 0.0, max_steps=1))  # even the first iteration, with no previous
+    # threshold 0: a difference is never < 0, so only max_loops ends the loop
+    assert run(ExitRule("kl", 0.0, max_loops=5)) == [False] * 4 + [True] * 4
+    tracker = ExitTracker(ExitRule("cosine", 0.0, max_loops=1))  # even the first iteration, with no previous
     assert tracker.update(1, torch.randn(3, DIM)).all()
 
 
@@ -224,7 +224,7 @@ def test_parse_exit_rule() -> None:
     assert parse_exit_rule("kl:1e-3") == ExitRule("kl", 1e-3)
     assert parse_exit_rule("kl:") == ExitRule("kl", 5e-4)  # an empty threshold means the default
     assert parse_exit_rule(" Latent-Diff : 0.05 ").threshold == 0.05
-    rule = parse_exit_rule("argmax-stability:5", min_steps=2, max_steps=64, check_every=2)
+    rule = parse_exit_rule("argmax-stability:5", min_loops=2, max_loops=64, check_every=2)
     assert rule == ExitRule("argmax-stability", 5, 2, 64, 2) and rule.label == "argmax-stability:5"
     assert {parse_exit_rule(name).threshold for name in EXIT_CRITERIA} == set(EXIT_CRITERIA.values())
 
@@ -244,8 +244,8 @@ def test_parse_errors_list_the_criteria(text: str) -> None:
         ({"criterion": "kl", "threshold": math.nan}, "threshold"),
         ({"criterion": "kl", "threshold": "0.1"}, "threshold"),
         ({"criterion": "argmax-stability", "threshold": 0.5}, "argmax-stability"),
-        ({"criterion": "kl", "threshold": 1e-3, "min_steps": 0}, "min_steps"),
-        ({"criterion": "kl", "threshold": 1e-3, "min_steps": 3, "max_steps": 2}, "max_steps"),
+        ({"criterion": "kl", "threshold": 1e-3, "min_loops": 0}, "min_loops"),
+        ({"criterion": "kl", "threshold": 1e-3, "min_loops": 3, "max_loops": 2}, "max_loops"),
         ({"criterion": "kl", "threshold": 1e-3, "check_every": 0}, "check_every"),
         ({"criterion": "entropy", "threshold": 1e-3}, "entropy-diff"),
     ],

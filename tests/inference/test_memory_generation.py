@@ -40,7 +40,7 @@ def test_cached_scoring_with_memory_matches_the_full_forward() -> None:
     log_probs, _, _ = engine.score(ids, GenerationConfig(loops=4), memory=memory)
     positions = torch.arange(ids.shape[1]).expand(ids.shape)
     with torch.no_grad():
-        logits = model(ids, num_steps=4, initial_state=engine.initial_state(positions), memory=memory).logits
+        logits = model(ids, loops=4, initial_state=engine.initial_state(positions), memory=memory).logits
     expected = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(log_probs, expected, atol=1e-4, rtol=1e-4)
     unconditioned, _, _ = engine.score(ids, GenerationConfig(loops=4))

@@ -59,7 +59,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 @pytest.mark.parametrize("policy", ["full", "ring:4", "last"])
 def test_the_cache_stores_only_the_latent_and_the_rope_key(policy: str) -> None:
     config = small_config(attention="mla", mla_kv_rank=6, mla_rope_dim=2, n_core=3)
-    cache = KVCache(config, 2, 11, policy, max_steps=5)
+    cache = KVCache(config, 2, 11, policy, max_loops=5)
     slots = parse_slot_policy(policy).slots(5)
     latent, rope_key = cache.store["core"]
     assert latent.shape == (3, slots, 2, 1, 11, 6) and rope_key.shape == (3, slots, 2, 1, 11, 2)
@@ -114,7 +114,7 @@ def test_prefill_then_decode_matches_the_forward(
     for b, prompt in enumerate(prompts):
         full = torch.tensor([prompt + continuation[b].tolist()])
         with torch.no_grad():
-            out = model(full, num_steps=loops, initial_state=engine.initial_state(torch.arange(full.shape[1])[None]))
+            out = model(full, loops=loops, initial_state=engine.initial_state(torch.arange(full.shape[1])[None]))
         torch.testing.assert_close(got[b], out.logits[0, len(prompt) - 1 :], atol=1e-4, rtol=0)
     # decoding ran on the absorbed path (every layer, every iteration, 5 tokens x 3 rows)
     layers = model.config.n_prelude + model.config.n_coda + model.config.n_core * loops
@@ -132,7 +132,7 @@ def test_shared_slots_are_an_approximation_beyond_one_iteration() -> None:
     engine = Engine(model)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        out = model(ids, num_steps=4, initial_state=engine.initial_state(torch.arange(9).expand(2, 9)))
+        out = model(ids, loops=4, initial_state=engine.initial_state(torch.arange(9).expand(2, 9)))
     expected = torch.log_softmax(out.logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
     for kv, exact in (("full", True), ("ring:4", True), ("ring:2", False), ("last", False)):
         log_probs, _, _ = engine.score(ids, GenerationConfig(loops=4, kv=kv))
@@ -160,10 +160,10 @@ def test_batch_with_left_padding_equals_each_prompt_alone(case: str) -> None:
     batch = engine.generate(prompts, config)
     for prompt, output in zip(prompts, batch.outputs, strict=True):
         alone = engine.generate([prompt], config).outputs[0]
-        assert (output.tokens, output.steps) == (alone.tokens, alone.steps)
+        assert (output.tokens, output.loops) == (alone.tokens, alone.loops)
         assert len(output.tokens) == 8
     if config.exit is not None:  # rows really exited at different depths, so the fallback was read
-        assert len({s for o in batch.outputs for s in o.steps}) > 2
+        assert len({s for o in batch.outputs for s in o.loops}) > 2
 
 
 @pytest.mark.parametrize("kv", ["full", "ring:2", "last"])
@@ -176,8 +176,8 @@ def test_compaction_changes_nothing_but_the_work(kv: str) -> None:
         )
         outputs[compaction] = engine.generate(SHORT, config).outputs
     assert [o.tokens for o in outputs[False]] == [o.tokens for o in outputs[True]]
-    assert [o.steps for o in outputs[False]] == [o.steps for o in outputs[True]]
-    assert any(len({o.steps[t] for o in outputs[True]}) > 1 for t in range(1, 10))  # rows left the batch
+    assert [o.loops for o in outputs[False]] == [o.loops for o in outputs[True]]
+    assert any(len({o.loops[t] for o in outputs[True]}) > 1 for t in range(1, 10))  # rows left the batch
 
 
 @pytest.mark.parametrize(("kv", "loops"), [("full", 4), ("ring:3", 3)])
@@ -193,7 +193,7 @@ def test_greedy_speculative_equals_plain_greedy(kv: str, loops: int) -> None:
 def test_fallback_reads_the_latest_latent_of_a_shallow_token() -> None:
     """A token that exited after 2 iterations gives its iteration-1 latent and RoPE key to a query at iteration 4."""
     config = small_config(attention="mla")
-    cache = KVCache(config, 1, 4, "full", max_steps=6)
+    cache = KVCache(config, 1, 4, "full", max_loops=6)
     generator = torch.Generator().manual_seed(0)
     for tensor in cache.store["core"]:
         tensor.copy_(torch.randn(tensor.shape, generator=generator))
@@ -239,6 +239,6 @@ def test_an_int8_quantized_mla_model_decodes_close_to_its_forward() -> None:
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
     log_probs, _, _ = engine.score(ids, GenerationConfig(loops=3))
     with torch.no_grad():
-        out = model(ids, num_steps=3, initial_state=engine.initial_state(torch.arange(9).expand(2, 9)))
+        out = model(ids, loops=3, initial_state=engine.initial_state(torch.arange(9).expand(2, 9)))
     expected = torch.log_softmax(out.logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(log_probs, expected, atol=2e-2, rtol=0)

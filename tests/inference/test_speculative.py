@@ -48,7 +48,7 @@ def test_greedy_speculative_equals_plain_greedy(
     assert [o.tokens for o in fast.outputs] == [o.tokens for o in plain.outputs]
     for output in fast.outputs:
         assert len(output.tokens) == 11 and output.finish_reason == "length"
-        assert output.steps == [loops] * 11  # every emitted token was verified at the full depth
+        assert output.loops == [loops] * 11  # every emitted token was verified at the full depth
     assert fast.acceptance_rate is not None and 0.0 <= fast.acceptance_rate <= 1.0
     assert plain.acceptance_rate is None
 

@@ -29,7 +29,7 @@ from loopformer.tokenizer import TextTokenizer
 
 # init_std well above the default so that a random model's greedy tokens depend on the prompt and the depth
 CONFIG = ModelConfig(
-    vocab_size=272, dim=32, n_heads=4, max_seq_len=128, init_std=0.3, recurrence={"mean_steps": 3, "backprop_depth": 2}
+    vocab_size=272, dim=32, n_heads=4, max_seq_len=128, init_std=0.3, recurrence={"mean_loops": 3, "backprop_loops": 2}
 )
 NEW = 12
 
@@ -62,24 +62,24 @@ def hf_tokens(model: LoopformerForCausalLM, ids: torch.Tensor, mask: torch.Tenso
 def test_greedy_generate_equals_our_engine(model: LoopformerForCausalLM, steps: int) -> None:
     ids, mask = padded_batch()
     ours = engine_tokens(model, ids, mask, loops=steps)
-    assert hf_tokens(model, ids, mask, num_steps=steps) == ours
+    assert hf_tokens(model, ids, mask, loops=steps) == ours
     assert ours[0] != ours[1]  # the rows differ, so padding and per-row positions are exercised
-    assert hf_tokens(model, ids, mask, num_steps=steps, use_cache=False) == ours  # full recompute agrees
+    assert hf_tokens(model, ids, mask, loops=steps, use_cache=False) == ours  # full recompute agrees
 
 
 def test_depth_reaches_the_model(model: LoopformerForCausalLM) -> None:
     ids, mask = padded_batch()
-    assert hf_tokens(model, ids, mask, num_steps=1) != hf_tokens(model, ids, mask, num_steps=4)
+    assert hf_tokens(model, ids, mask, loops=1) != hf_tokens(model, ids, mask, loops=4)
 
 
 def test_exit_kv_and_warm_start_pass_through(model: LoopformerForCausalLM) -> None:
     ids, mask = padded_batch()
     options = {"exit": "latent-diff:0.5", "kv": "ring:2", "warm_start": True, "state_seed": 3}
     ours = engine_tokens(model, ids, mask, loops=6, **options)
-    assert hf_tokens(model, ids, mask, num_steps=6, **options) == ours
+    assert hf_tokens(model, ids, mask, loops=6, **options) == ours
     assert ours != engine_tokens(model, ids, mask, loops=6)  # the options changed something
     with pytest.raises(InputError, match="decode token by token"):
-        hf_tokens(model, ids, mask, num_steps=6, exit="kl:1e-3", use_cache=False)
+        hf_tokens(model, ids, mask, loops=6, exit="kl:1e-3", use_cache=False)
 
 
 def test_a_session_refuses_rewritten_inputs(model: LoopformerForCausalLM) -> None:
@@ -100,7 +100,7 @@ def test_the_cache_grows_past_its_first_allocation(model: LoopformerForCausalLM,
         max_new_tokens=40,
         min_new_tokens=40,
         do_sample=False,
-        num_steps=2,
+        loops=2,
         loop_session=session,
     )
     assert session.session.cache.capacity > ids.shape[1] + 3  # it grew from the first allocation
@@ -112,7 +112,7 @@ def test_the_cache_grows_past_its_first_allocation(model: LoopformerForCausalLM,
 def test_training_forward_has_a_loss_with_gradients(model: LoopformerForCausalLM) -> None:
     trainable = LoopformerForCausalLM.wrap(build_model(CONFIG, seed=1)).train()
     ids, _ = padded_batch()
-    out = trainable(ids, labels=ids, num_steps=2)
+    out = trainable(ids, labels=ids, loops=2)
     out.loss.backward()
     assert torch.isfinite(out.loss) and trainable.model.tok_emb.weight.grad is not None
 
@@ -141,7 +141,7 @@ model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval(
 tokenizer = AutoTokenizer.from_pretrained(path)
 chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True)
 ids, mask = torch.tensor(ids), torch.tensor(mask)
-out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, num_steps=4, pad_token_id=0)
+out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, loops=4, pad_token_id=0)
 chat = chat["input_ids"] if hasattr(chat, "keys") else chat  # transformers 5 returns an encoding, 4 a list
 print(json.dumps({"tokens": out[:, ids.shape[1]:].tolist(), "chat": chat}))
 """

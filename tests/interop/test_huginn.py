@@ -235,7 +235,7 @@ def test_imported_logits_match_an_independent_huginn_forward(source, imported: P
     model, _, _ = load_trained_model(imported)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(steps))
     with torch.no_grad():
-        ours = model(ids, num_steps=steps, initial_state=torch.zeros(2, 11, H)).logits
+        ours = model(ids, loops=steps, initial_state=torch.zeros(2, 11, H)).logits
     reference = reference_logits(source[1], ids, steps)
     # fp32 rounding grows with depth (3e-4 at 8 iterations on logits of ~10); a wrong mapping is off by > 1
     torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=2e-3)
@@ -250,7 +250,7 @@ def test_imported_config_and_layout(imported: Path) -> None:
     assert (cfg.n_prelude, cfg.n_core, cfg.n_coda, cfg.max_seq_len) == (1, 2, 1, CONTEXT)
     assert (cfg.rope_style, cfg.rope_base, cfg.qk_bias, cfg.embed_scale) == ("interleaved", 50000.0, True, True)
     assert (cfg.norm_layout, cfg.injection, cfg.tie_embeddings) == ("sandwich", "concat", True)
-    assert (cfg.recurrence.mean_steps, cfg.recurrence.backprop_depth) == (4, 2)
+    assert (cfg.recurrence.mean_loops, cfg.recurrence.backprop_loops) == (4, 2)
     assert set(state.model) == set(build_model(cfg, device="meta").state_dict())  # the embedding once, no head
 
 
@@ -308,7 +308,7 @@ def test_round_trip_ours_to_huginn_to_ours_is_exact(tmp_path: Path) -> None:
     config = ModelConfig(
         vocab_size=280, dim=32, n_heads=4, n_prelude=1, n_core=2, n_coda=1, mlp_hidden=48, rope_style="interleaved",
         rope_base=50000.0, qk_bias=True, embed_scale=True, max_seq_len=64,
-        recurrence={"mean_steps": 4, "backprop_depth": 2},
+        recurrence={"mean_loops": 4, "backprop_loops": 2},
     )  # fmt: skip
     model = build_model(config, seed=3)
     with torch.no_grad():
@@ -405,7 +405,7 @@ def test_an_imported_checkpoint_generates_from_the_cli(imported: Path, capsys: p
     argv = ["generate", "--ckpt", str(imported), "--prompt", "Hello", "--loops", "2", "--max-new-tokens", "4"]
     assert main([*argv, "--json"]) == 0
     output = json.loads(capsys.readouterr().out)["outputs"][0]
-    assert output["steps"] == [2] * len(output["tokens"]) and output["finish_reason"] in ("length", "stop")
+    assert output["loops"] == [2] * len(output["tokens"]) and output["finish_reason"] in ("length", "stop")
 
 
 def test_our_own_checkpoints_are_checked_the_same_way(imported: Path, tmp_path: Path) -> None:

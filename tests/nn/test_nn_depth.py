@@ -62,7 +62,7 @@ def make_config(**changes: object) -> ModelConfig:
         "head_dim": 4,
         "n_heads": 2,
         "max_seq_len": 64,
-        "recurrence": RecurrenceConfig(mean_steps=2, backprop_depth=1),
+        "recurrence": RecurrenceConfig(mean_loops=2, backprop_loops=1),
     }
     base.update(changes)
     return ModelConfig(**base)

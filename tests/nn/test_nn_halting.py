@@ -138,10 +138,10 @@ def head_probabilities(model: torch.nn.Module, states: list[torch.Tensor]) -> to
 def test_forward_decodes_the_act_mixture(steps: object, halting_input: str) -> None:
     model = halting_model(halting_input=halting_input).eval()
     ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
-    num_steps = torch.tensor([2, 5, 4]) if steps == "per-row" else steps
-    caps = num_steps.tolist() if steps == "per-row" else [steps] * 3
+    loops = torch.tensor([2, 5, 4]) if steps == "per-row" else steps
+    caps = loops.tolist() if steps == "per-row" else [steps] * 3
     with torch.no_grad():
-        out = model(ids, num_steps=num_steps, seed=0, return_states=True)
+        out = model(ids, loops=loops, seed=0, return_states=True)
         p = head_probabilities(model, out.states)  # [S, B, T]
         ctx = model.context(ids)
         halting_steps = torch.zeros(3, 7, dtype=torch.long)
@@ -163,13 +163,13 @@ def test_ponder_counts_the_positions_with_a_target() -> None:
     labels = ids.clone()
     labels[:, :3] = -100  # targets of positions 2..4 only (labels are shifted by one)
     plain = halting_model(ponder_cost=0.0)
-    out = model(ids, num_steps=4, labels=labels, seed=0)
-    base = plain(ids, num_steps=4, labels=labels, seed=0)
+    out = model(ids, loops=4, labels=labels, seed=0)
+    base = plain(ids, loops=4, labels=labels, seed=0)
     scored = torch.zeros(2, 6, dtype=torch.bool)
     scored[:, 2:5] = True
     assert out.halting.mask.tolist() == scored.tolist()
     torch.testing.assert_close(out.loss - base.loss, 0.5 * out.halting.ponder[scored].mean())
-    half = model(ids, num_steps=4, labels=labels, seed=0, halting_scale=0.5)
+    half = model(ids, loops=4, labels=labels, seed=0, halting_scale=0.5)
     torch.testing.assert_close(half.loss - base.loss, 0.25 * out.halting.ponder[scored].mean())
 
 
@@ -187,7 +187,7 @@ def test_truncated_backprop_still_trains_the_halting_head(per_row: bool, halting
     grads = {}
     for depth in (2, None):
         model = halting_model(halting_prior=0.3, halting_input=halting_input).train()
-        out = model(ids, num_steps=steps, labels=ids, backprop_depth=depth, seed=0)
+        out = model(ids, loops=steps, labels=ids, backprop_loops=depth, seed=0)
         out.loss.backward()
         grads[depth] = [param.grad.clone() for param in model.halting.parameters()]
     for truncated, full in zip(grads[2], grads[None], strict=True):

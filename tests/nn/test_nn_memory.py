@@ -73,8 +73,8 @@ def test_fresh_pathway_leaves_the_model_unchanged() -> None:
     model = build_model(small_config(memory_dim=MEMORY_DIM), seed=0).eval()
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
-        plain = model(ids, num_steps=3, seed=1).logits
-        conditioned = model(ids, num_steps=3, seed=1, memory=torch.randn(2, 4, MEMORY_DIM)).logits
+        plain = model(ids, loops=3, seed=1).logits
+        conditioned = model(ids, loops=3, seed=1, memory=torch.randn(2, 4, MEMORY_DIM)).logits
     torch.testing.assert_close(plain, conditioned, atol=0, rtol=0)
 
 
@@ -84,9 +84,9 @@ def test_shared_memory_equals_per_row_copies() -> None:
     ids = torch.randint(0, 64, (3, 5))
     vectors = torch.randn(4, MEMORY_DIM)
     with torch.no_grad():
-        shared = model(ids, num_steps=2, seed=1, memory=vectors).logits
-        copies = model(ids, num_steps=2, seed=1, memory=vectors.expand(3, 4, MEMORY_DIM)).logits
-        other = model(ids, num_steps=2, seed=1, memory=torch.randn(4, MEMORY_DIM)).logits
+        shared = model(ids, loops=2, seed=1, memory=vectors).logits
+        copies = model(ids, loops=2, seed=1, memory=vectors.expand(3, 4, MEMORY_DIM)).logits
+        other = model(ids, loops=2, seed=1, memory=torch.randn(4, MEMORY_DIM)).logits
     torch.testing.assert_close(shared, copies)
     assert not torch.allclose(shared, other)
 
@@ -110,7 +110,7 @@ def test_memory_validation() -> None:
         as_memory(None, batch=1, memory_dim=MEMORY_DIM, mask=torch.ones(1, 3, dtype=torch.bool))
     model = build_model(small_config(), seed=0)
     with pytest.raises(InputError, match="no memory pathway"):
-        model(torch.zeros(1, 3, dtype=torch.long), num_steps=1, memory=torch.randn(2, MEMORY_DIM))
+        model(torch.zeros(1, 3, dtype=torch.long), loops=1, memory=torch.randn(2, MEMORY_DIM))
     with pytest.raises(ConfigError, match="memory_dim"):
         small_config(memory_dim=-1)
 
@@ -146,14 +146,14 @@ def train_lookup(with_memory: bool, steps: int = 150) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(steps):
         ids, labels, memory = lookup_batch(generator, tables, 64)
-        loss = model(ids, num_steps=2, labels=labels, memory=memory if with_memory else None).loss
+        loss = model(ids, loops=2, labels=labels, memory=memory if with_memory else None).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
     ids, _, memory = lookup_batch(torch.Generator().manual_seed(99), tables, 512)
     with torch.no_grad():
-        logits = model(ids[:, :2], num_steps=2, seed=0, memory=memory if with_memory else None).logits
+        logits = model(ids[:, :2], loops=2, seed=0, memory=memory if with_memory else None).logits
     return float((logits[:, -1].argmax(dim=-1) == ids[:, 2]).float().mean())
 
 

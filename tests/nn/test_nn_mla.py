@@ -247,7 +247,7 @@ def test_an_mla_model_with_per_loop_lora_trains() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(25):
-        loss = model(ids, num_steps=3, labels=ids, seed=step).loss
+        loss = model(ids, loops=3, labels=ids, seed=step).loss
         optimizer.zero_grad()
         loss.backward()
         if step == 0:

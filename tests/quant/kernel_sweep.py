@@ -63,7 +63,7 @@ def check_compiled_int8() -> int:
             n_coda=1,
             mlp_hidden=hidden,
             max_seq_len=64,
-            recurrence=RecurrenceConfig(mean_steps=3, backprop_depth=2),
+            recurrence=RecurrenceConfig(mean_loops=3, backprop_loops=2),
         )
         model = build_model(config, seed=0)
         quantize_model(model, QuantScheme(8))

@@ -36,7 +36,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return model(IDS, num_steps=2, seed=0).logits
+        return model(IDS, loops=2, seed=0).logits
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,7 @@ def test_adapters_are_quantized_on_request_and_still_used() -> None:
 
 def logits(model: torch.nn.Module, ids: torch.Tensor, steps: int = 1) -> torch.Tensor:
     with torch.no_grad():
-        return model(ids, num_steps=steps, seed=0).logits
+        return model(ids, loops=steps, seed=0).logits
 
 
 @pytest.mark.parametrize("config", [small_config(), MOE], ids=["dense", "moe-lora-lti-act"])

@@ -129,7 +129,7 @@ def test_per_request_depth_changes_the_mean_loops_reported(client: openai.OpenAI
     assert mean_loops(reasoning_effort="high") == pytest.approx(EFFORT["high"])
     assert mean_loops(reasoning_effort="low") == pytest.approx(EFFORT["low"])
     early = chat_reference(engine, max_new_tokens=8, loops=8, exit="latent-diff:0.3")
-    assert mean_loops(loops=8, exit="latent-diff:0.3") == pytest.approx(sum(early.steps) / len(early.steps))
+    assert mean_loops(loops=8, exit="latent-diff:0.3") == pytest.approx(sum(early.loops) / len(early.loops))
 
 
 def test_kv_policy_and_memory_per_request(client: openai.OpenAI, engine: Engine, memory_dir: Path) -> None:
@@ -181,7 +181,7 @@ def error_of(response: httpx.Response) -> dict:
             400,
             "unknown field response_format",
         ),
-        ({"model": MODEL, "prompt": "x", "min_steps": 2}, 400, "unknown field min_steps"),
+        ({"model": MODEL, "prompt": "x", "min_loops": 2}, 400, "unknown field min_loops"),
         ({"model": MODEL, "prompt": "x", "kv": "ring:99999999999999999999"}, 400, "above 1,000,000"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
         ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),

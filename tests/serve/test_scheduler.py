@@ -62,8 +62,8 @@ def assert_alone(engine: Engine, job: Job, sink: Collector) -> None:
     alone = engine.generate([job.prompt], job.config, memory=None if job.memory is None else job.memory.vectors)
     output = alone.outputs[0]
     assert sink.text == output.text
-    assert sink.end == Finished(output.finish_reason, len(output.tokens), sum(output.steps))
-    assert [e.steps for e in sink.events if isinstance(e, TextDelta) and e.token] == output.steps
+    assert sink.end == Finished(output.finish_reason, len(output.tokens), sum(output.loops))
+    assert [e.loops for e in sink.events if isinstance(e, TextDelta) and e.token] == output.loops
 
 
 @pytest.fixture()
@@ -203,7 +203,7 @@ def test_a_cache_grows_rows_in_place_keeping_the_old_ones(engine: Engine) -> Non
     ids = torch.tensor([encode_prompt(engine.tokenizer, TEXTS[1])])
     config = GenerationConfig(max_new_tokens=6, loops=4)
     alone = engine.generate(ids, config).outputs[0].tokens
-    cache = KVCache(engine.model.config, 1, 64, "full", max_steps=4)
+    cache = KVCache(engine.model.config, 1, 64, "full", max_loops=4)
     with torch.inference_mode():
         real = torch.ones_like(ids, dtype=torch.bool)
         session = Session(engine.passes, ids, real, config, cache=cache, slots=torch.tensor([0]))

@@ -40,7 +40,7 @@ TINY = ModelConfig(
     n_prelude=1,
     n_core=1,
     n_coda=1,
-    recurrence=RecurrenceConfig(mean_steps=4, backprop_depth=2),
+    recurrence=RecurrenceConfig(mean_loops=4, backprop_loops=2),
 )
 
 
@@ -52,7 +52,7 @@ def task_config(**changes: object) -> TrainConfig:
         "steps": 30,
         "batch_size": 32,
         "lr": 3e-3,
-        "eval_depths": (1, 4),
+        "eval_loops": (1, 4),
         "eval_every": 0,
         "save_every": 0,
         "log_every": 10,
@@ -103,7 +103,7 @@ def file_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         steps=6,
         batch_size=16,
         lr=3e-3,
-        eval_depths=(1, 2),
+        eval_loops=(1, 2),
         eval_every=3,
         save_every=0,
         log_every=3,
@@ -144,7 +144,7 @@ def naive_exact_match(model: LoopLM, batches: list[Batch], steps: int, seed: int
     solved = scored = 0
     with torch.no_grad():
         for batch in batches:
-            logits = model(batch.input_ids, num_steps=steps, seed=seed).logits
+            logits = model(batch.input_ids, loops=steps, seed=seed).logits
             for row, labels in enumerate(batch.labels.tolist()):
                 checks = [
                     int(logits[row, t].argmax()) == labels[t + 1]
@@ -175,11 +175,11 @@ def test_exact_match_equals_a_naive_argmax_reference() -> None:
     model = restrict_head(build_model(small_config(tie_embeddings=False), seed=0), bits)
     seed, batch_size = 5, 8
     results = evaluate_task(model, tokenizer, examples, [3, 1], batch_size=batch_size, seed=seed)
-    assert [r.steps for r in results] == [3, 1]
+    assert [r.loops for r in results] == [3, 1]
     batches = TaskEncoder(tokenizer).batches(examples, batch_size)
     assert len({b.input_ids.shape[1] for b in batches}) > 1  # several widths, so rows are padded
     for result in results:
-        expected, scored = naive_exact_match(model, batches, result.steps, seed)
+        expected, scored = naive_exact_match(model, batches, result.loops, seed)
         assert scored == len(examples)
         assert result.exact_match == expected
         assert 0 < result.exact_match < 1, "the reference should see solved and unsolved examples"
@@ -200,7 +200,7 @@ def test_streaming_evaluation_equals_separate_forward_calls() -> None:
         squares = elements = 0.0
         with torch.no_grad():
             for batch in batches:
-                out = model(batch.input_ids, num_steps=result.steps, seed=3)
+                out = model(batch.input_ids, loops=result.loops, seed=3)
                 targets = batch.labels[:, 1:]
                 nll += float(
                     F.cross_entropy(
@@ -214,7 +214,7 @@ def test_streaming_evaluation_equals_separate_forward_calls() -> None:
         assert result.loss == pytest.approx(nll / count, abs=1e-5)
         assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
         assert result.state_rms == pytest.approx(math.sqrt(squares / elements), rel=1e-5)
-        assert result.exact_match == naive_exact_match(model, batches, result.steps, 3)[0]
+        assert result.exact_match == naive_exact_match(model, batches, result.loops, 3)[0]
 
 
 def greedy(model: LoopLM, encoder: TaskEncoder, example: Example, steps: int) -> tuple[str, ...]:
@@ -224,7 +224,7 @@ def greedy(model: LoopLM, encoder: TaskEncoder, example: Example, steps: int) ->
     generated = []
     with torch.no_grad():
         for _ in example.target:
-            logits = model(torch.tensor([ids]), num_steps=steps).logits
+            logits = model(torch.tensor([ids]), loops=steps).logits
             token = int(logits[0, -1].argmax())
             ids.append(token)
             generated.append(names.get(token, f"<id {token}>"))
@@ -235,7 +235,7 @@ def first_wrong_teacher_forced(model: LoopLM, encoder: TaskEncoder, example: Exa
     """The first target position whose teacher-forced argmax is wrong (None: all right)."""
     ids, labels = encoder.encode(example)
     with torch.no_grad():
-        predictions = model(torch.tensor([ids]), num_steps=steps).logits[0].argmax(-1).tolist()
+        predictions = model(torch.tensor([ids]), loops=steps).logits[0].argmax(-1).tolist()
     scored = [t for t in range(len(ids) - 1) if labels[t + 1] != IGNORE_INDEX]
     wrong = [k for k, t in enumerate(scored) if predictions[t] != labels[t + 1]]
     return wrong[0] if wrong else None
@@ -275,19 +275,19 @@ def test_teacher_forced_exact_match_is_greedy_decoding_for_continuations() -> No
     for example in examples:
         teacher = evaluate_task(model, tokenizer, [example], [1, 3])
         for result in teacher:
-            generated = greedy(model, encoder, example, result.steps)
+            generated = greedy(model, encoder, example, result.loops)
             solved = generated == example.target
-            assert result.exact_match == float(solved), (example, result.steps, generated)
-            assert first_wrong_teacher_forced(model, encoder, example, result.steps) == first_difference(
+            assert result.exact_match == float(solved), (example, result.loops, generated)
+            assert first_wrong_teacher_forced(model, encoder, example, result.loops) == first_difference(
                 generated, example.target
             )
-            outcomes[result.steps].append(solved)
+            outcomes[result.loops].append(solved)
     assert all(outcomes[3][0::3]) and not any(outcomes[3][1::3]) and all(outcomes[1][2::3])
     assert not all(outcomes[1]) and not all(outcomes[3][2::3]), "some outcomes should differ between the depths"
     # all examples in padded batches: with a zero initial state the mean is the per-example outcome's mean
     batched = evaluate_task(model, tokenizer, examples, [1, 3], batch_size=5)
     for result in batched:
-        assert result.exact_match == pytest.approx(sum(outcomes[result.steps]) / len(examples))
+        assert result.exact_match == pytest.approx(sum(outcomes[result.loops]) / len(examples))
 
 
 # ----- training on a built-in task ----------------------------------------------------------------------------
@@ -309,11 +309,11 @@ def test_builtin_task_run_saves_a_symbolic_checkpoint_and_exact_match(task_run: 
     assert [r["step"] for r in train] == [10, 20, 30]
     assert train[-1]["tokens"] == 30 * 32 * 6  # rows of BOS + 4 bits + end marker, not seq_len
     evals = read_metrics(metrics, "eval")
-    assert {(r["step"], r["depth"]) for r in evals} == {(30, 1), (30, 4)}
+    assert {(r["step"], r["loops"]) for r in evals} == {(30, 1), (30, 4)}
     for record in evals:
         assert 0 <= record["exact_match"] <= 1
         assert math.isfinite(record["loss"])
-    by_depth = {r["depth"]: r for r in evals}
+    by_depth = {r["loops"]: r for r in evals}
     assert [r.exact_match for r in task_run.result.evaluation] == [
         by_depth[1]["exact_match"],
         by_depth[4]["exact_match"],
@@ -324,8 +324,8 @@ def test_builtin_task_run_saves_a_symbolic_checkpoint_and_exact_match(task_run: 
     examples = TASKS["prefix-parity"].generate(8, 128, seed=1)
     again = evaluate_task(model, tokenizer, examples, [1, 4], batch_size=32, seed=0)
     for result in again:
-        assert result.exact_match == by_depth[result.steps]["exact_match"]
-        assert result.loss == pytest.approx(by_depth[result.steps]["loss"], rel=1e-5)
+        assert result.exact_match == by_depth[result.loops]["exact_match"]
+        assert result.loss == pytest.approx(by_depth[result.loops]["loss"], rel=1e-5)
 
 
 def test_builtin_task_run_resumes_bit_exactly(task_run: Run, tmp_path: Path) -> None:
@@ -353,7 +353,7 @@ def test_jsonl_task_run_trains_and_evaluates(file_run: Run) -> None:
     assert state.meta["data"] == {"task_data": file_run.config.task_data, "train_examples": 64, "eval_examples": 16}
     assert "task" not in state.meta["data"] and state.meta["train_config"]["task"] is None
     evals = read_metrics(file_run.out / "metrics.jsonl", "eval")
-    assert {(r["step"], r["depth"]) for r in evals} == {(3, 1), (3, 2), (6, 1), (6, 2)}
+    assert {(r["step"], r["loops"]) for r in evals} == {(3, 1), (3, 2), (6, 1), (6, 2)}
     assert all(0 <= r["exact_match"] <= 1 for r in evals)
     assert all(math.isfinite(loss) for loss in file_run.result.losses.values())
 
@@ -475,7 +475,7 @@ def test_eval_task_cli_reports_exact_match_per_loop_count(task_run: Run, capsys:
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["step"] == 30 and report["examples"] == 24
-    assert len(report["results"]) == 2 and [r["steps"] for r in report["results"]] == [1, 2]
+    assert len(report["results"]) == 2 and [r["loops"] for r in report["results"]] == [1, 2]
     assert all(0 <= r["exact_match"] <= 1 for r in report["results"])
     model, state, _ = load_trained_model(task_run.out)
     tokenizer = TextTokenizer.from_json(state.tokenizer_json)
@@ -495,7 +495,7 @@ def test_eval_task_cli_scores_a_data_file(
         assert main(["eval-task", "--ckpt", str(run.out), "--data", str(data), "--loops", "2,1", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["examples"] == 9 and report["source"] == str(data)
-        assert [r["steps"] for r in report["results"]] == [2, 1]
+        assert [r["loops"] for r in report["results"]] == [2, 1]
         assert all(0 <= r["exact_match"] <= 1 for r in report["results"])
 
 
@@ -552,7 +552,7 @@ def text_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         batch_size=2,
         steps=1,
         eval_every=0,
-        eval_depths=(1,),
+        eval_loops=(1,),
         eval_batches=1,
         save_every=0,
         val_fraction=0.2,

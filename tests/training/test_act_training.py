@@ -13,7 +13,7 @@ from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.cli import main
 from loopformer.config import ModelConfig, RecurrenceConfig
 from loopformer.errors import ConfigError, InputError
-from loopformer.evaluation.perplexity import evaluate_depths
+from loopformer.evaluation.perplexity import evaluate_loops
 from loopformer.flops import core_step_flops
 from loopformer.loading import load_trained_model
 from loopformer.model import build_model
@@ -62,10 +62,10 @@ def test_evaluation_at_each_depth_equals_separate_forwards() -> None:
         model.halting.bias.fill_(-1.0)
     ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
     batch = Batch(ids, ids, torch.zeros_like(ids))
-    results = evaluate_depths(model, [batch], [1, 3, 6], seed=0)
+    results = evaluate_loops(model, [batch], [1, 3, 6], seed=0)
     for result in results:
         with torch.no_grad():
-            out = model(ids, num_steps=result.steps, labels=ids, seed=0)
+            out = model(ids, loops=result.loops, labels=ids, seed=0)
         lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         assert result.loss == pytest.approx(float(lm), rel=1e-5)
     assert len({round(r.loss, 6) for r in results}) == 3
@@ -85,7 +85,7 @@ def corpus_training(corpus: Path, steps: int) -> TrainConfig:
         eval_every=0,
         save_every=0,
         log_every=1,
-        eval_depths=(1, 3),
+        eval_loops=(1, 3),
         eval_batches=1,
     )
 
@@ -104,7 +104,7 @@ def test_trainer_logs_ponder_and_checkpoints_the_head(corpus: Path, tmp_path: Pa
     train = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
     assert len(train) == 5
     for record in train:
-        assert 1 <= record["halt_steps"] <= record["depth"]
+        assert 1 <= record["halt_steps"] <= record["loops"]
         assert record["halt_steps"] < record["ponder"] <= record["halt_steps"] + 1
         assert 1 <= record["expected_loops"] <= record["halt_steps"]
         assert record["halt_kl"] >= 0
@@ -133,7 +133,7 @@ TASK_MODEL = ModelConfig(
     n_core=1,
     n_coda=1,
     halting="act",
-    recurrence=RecurrenceConfig(mean_steps=3, backprop_depth=2),
+    recurrence=RecurrenceConfig(mean_loops=3, backprop_loops=2),
 )
 
 
@@ -145,7 +145,7 @@ def task_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         task_difficulty="1-4",
         steps=4,
         batch_size=16,
-        eval_depths=(2,),
+        eval_loops=(2,),
         eval_every=0,
         save_every=0,
         eval_batches=1,
@@ -175,7 +175,7 @@ def test_eval_task_scores_with_the_act_exit(task_run: Path, capsys: pytest.Captu
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--exit", "act", "--min-steps", "2"], "min_steps and check_every must be 1"), (["--exit", "nope"], "unknown")],
+    [(["--exit", "act", "--min-loops", "2"], "min_loops and check_every must be 1"), (["--exit", "nope"], "unknown")],
 )
 def test_eval_task_exit_errors_exit_2(
     task_run: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
@@ -186,7 +186,7 @@ def test_eval_task_exit_errors_exit_2(
 
 
 def task_training(**changes: object) -> TrainConfig:
-    base = {"task": "vector-parity", "task_difficulty": "1-4", "steps": 4, "batch_size": 16, "eval_depths": (2,)}
+    base = {"task": "vector-parity", "task_difficulty": "1-4", "steps": 4, "batch_size": 16, "eval_loops": (2,)}
     return TrainConfig(**{**base, "eval_every": 0, "save_every": 0, "eval_batches": 1, "device": "cpu", **changes})
 
 
@@ -214,7 +214,7 @@ def test_a_halting_head_fine_tunes_onto_a_frozen_trained_model(headless_run: Pat
     weights, and with trainable=halting only the head moves."""
     base = load_checkpoint(resolve_checkpoint(headless_run))
     assert base.ema is not None and any(not torch.equal(base.ema[k], base.model[k]) for k in base.model)
-    model = TASK_MODEL.replace(halting_input="state+change", recurrence=RecurrenceConfig(sampler="fixed", mean_steps=4))
+    model = TASK_MODEL.replace(halting_input="state+change", recurrence=RecurrenceConfig(sampler="fixed", mean_loops=4))
     config = task_training(init_from=str(headless_run), init_from_ema=True, trainable=("halting",), lr=1e-2)
     trainer = quiet_fit(model, config, tmp_path / "head")
     assert (

@@ -33,7 +33,7 @@ IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad()
-    model(IDS, num_steps=2, labels=IDS, seed=0).loss.backward()
+    model(IDS, loops=2, labels=IDS, seed=0).loss.backward()
     optimizer.step()
 
 
@@ -216,7 +216,7 @@ def test_invalid_config_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_check_compatible_names_the_field() -> None:
-    check_compatible(CONFIG, CONFIG.replace(recurrence={"mean_steps": 9}, rope_base=500.0, loop_embedding="sinusoidal"))
+    check_compatible(CONFIG, CONFIG.replace(recurrence={"mean_loops": 9}, rope_base=500.0, loop_embedding="sinusoidal"))
     with pytest.raises(InputError, match=r"The checkpoint has dim=32, the requested config has dim=64\."):
         check_compatible(CONFIG, CONFIG.replace(dim=64, head_dim=8, mlp_hidden=64))
     with pytest.raises(InputError, match=r"injection='lti'.*injection='concat'"):

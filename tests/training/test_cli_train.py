@@ -19,8 +19,8 @@ from loopformer.presets import get_preset
 from loopformer.training.metrics import read_metrics
 from support import write_corpus
 
-TINY = ["--preset", "tiny", "--dim", "32", "--n-heads", "4", "--mlp-hidden", "64", "--mean-steps", "2"]
-FAST = ["--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2", "--eval-depths", "1,2", "--eval-batches", "1"]
+TINY = ["--preset", "tiny", "--dim", "32", "--n-heads", "4", "--mlp-hidden", "64", "--mean-loops", "2"]
+FAST = ["--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2", "--eval-loops", "1,2", "--eval-batches", "1"]
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_help_lists_every_field_with_its_default(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--batch-size", "--lr", "--eval-depths", "--dim", "--injection", "--mean-steps", "--backprop-depth"):
+    for flag in ("--batch-size", "--lr", "--eval-loops", "--dim", "--injection", "--mean-loops", "--backprop-loops"):
         assert flag in text
     assert "default: 8" in text and "default: 1,4,8,16,32" in text and "--no-doc-mask" in text
 
@@ -41,12 +41,12 @@ def test_help_lists_every_field_with_its_default(capsys: pytest.CaptureFixture[s
 def test_settings_are_layered_preset_then_file_then_flags(tmp_path: Path) -> None:
     run_file = tmp_path / "run.yaml"
     run_file.write_text(
-        "preset: anima-micro\nlr: 0.002\nbatch_size: 3\nmodel:\n  dim: 96\nrecurrence:\n  mean_steps: 5\n"
+        "preset: anima-micro\nlr: 0.002\nbatch_size: 3\nmodel:\n  dim: 96\nrecurrence:\n  mean_loops: 5\n"
     )
     args = build_parser().parse_args(["train", "--config", str(run_file), "--batch-size", "4", "--no-qk-norm"])
     model, train = resolve_configs(args)
     assert (train.lr, train.batch_size) == (0.002, 4)
-    assert model.dim == 96 and model.recurrence.mean_steps == 5 and model.qk_norm is False
+    assert model.dim == 96 and model.recurrence.mean_loops == 5 and model.qk_norm is False
     micro = get_preset("anima-micro")
     assert (model.n_heads, model.n_core, model.loop_embedding) == (micro.n_heads, micro.n_core, micro.loop_embedding)
     bad = tmp_path / "bad.yaml"
@@ -86,12 +86,12 @@ def test_train_resume_and_eval_ppl(corpus: Path, tmp_path: Path, capsys: pytest.
     assert main(["train", "--out", out, "--resume", "--no-progress"]) == 0  # settings come from the run itself
     assert load_checkpoint(resolve_checkpoint(Path(out))).step == 4
     capsys.readouterr()
-    assert main(["eval-ppl", "--ckpt", out, "--depths", "1,2", "--batches", "1", "--json"]) == 0
+    assert main(["eval-ppl", "--ckpt", out, "--loops", "1,2", "--batches", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [r["steps"] for r in report["results"]] == [1, 2] and report["step"] == 4
-    assert main(["eval-ppl", "--ckpt", str(tmp_path), "--depths", "1"]) == 2
+    assert [r["loops"] for r in report["results"]] == [1, 2] and report["step"] == 4
+    assert main(["eval-ppl", "--ckpt", str(tmp_path), "--loops", "1"]) == 2
     capsys.readouterr()
-    assert main(["eval-ppl", "--ckpt", out, "--depths", "1", "--seq-len", "0"]) == 2  # 0 is not "the run's length"
+    assert main(["eval-ppl", "--ckpt", out, "--loops", "1", "--seq-len", "0"]) == 2  # 0 is not "the run's length"
     assert "seq_len=0 is invalid" in capsys.readouterr().err
 
 
@@ -116,10 +116,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(corpus: Path, tmp_path: Path) -> 
 def test_documented_run_file_loads() -> None:
     run_file = Path(__file__).resolve().parents[2] / "docs" / "examples" / "run.yaml"
     model, train = resolve_configs(build_parser().parse_args(["train", "--config", str(run_file), "--steps", "300"]))
-    assert model.sliding_window == 128 and model.recurrence.mean_steps == 8 and model.dim == 192
-    assert (train.steps, train.schedule, train.eval_depths) == (300, "wsd", (1, 2, 4, 8, 16, 32))
+    assert model.sliding_window == 128 and model.recurrence.mean_loops == 8 and model.dim == 192
+    assert (train.steps, train.schedule, train.eval_loops) == (300, "wsd", (1, 2, 4, 8, 16, 32))
 
 
 def test_eval_ppl_names_its_own_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["eval-ppl", "--ckpt", str(tmp_path), "--depths", "0"]) == 2
-    assert "--depths '0' is invalid" in capsys.readouterr().err
+    assert main(["eval-ppl", "--ckpt", str(tmp_path), "--loops", "0"]) == 2
+    assert "--loops '0' is invalid" in capsys.readouterr().err

@@ -62,19 +62,19 @@ def test_only_core_layers_use_experts_and_the_parameters_are_counted() -> None:
 def test_training_forward_records_loads_per_loop_and_adds_the_aux_loss() -> None:
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     plain = build_model(small_config(**MOE), seed=0).train()
-    out = plain(ids, num_steps=3, labels=ids, seed=0)
+    out = plain(ids, loops=3, labels=ids, seed=0)
     loads = plain.moe_loads()
     assert loads.shape == (3, plain.config.n_core, 4)
     torch.testing.assert_close(loads.sum(-1), torch.ones(3, plain.config.n_core))
     weighted = build_model(small_config(**MOE, moe_aux_weight=0.5), seed=0).train()
-    out_aux = weighted(ids, num_steps=3, labels=ids, seed=0)
+    out_aux = weighted(ids, loops=3, labels=ids, seed=0)
     aux = torch.stack([record[3] for record in weighted.moe_records]).mean()
     torch.testing.assert_close(out_aux.loss, out.loss + 0.5 * aux)
     out_aux.loss.backward()
     assert weighted.core[0].mlp.router.weight.grad.abs().sum() > 0
     assert weighted.core[0].mlp.loop_bias.grad[:3].abs().sum() > 0  # the router sees the loop slot
     plain.eval()
-    plain(ids, num_steps=3)
+    plain(ids, loops=3)
     assert plain.moe_records is None  # nothing is recorded outside training
 
 
@@ -92,7 +92,7 @@ def test_trainer_balances_experts_logs_loads_and_checkpoints_the_bias(corpus: Pa
         eval_every=0,
         save_every=0,
         log_every=1,
-        eval_depths=(1, 3),
+        eval_loops=(1, 3),
         eval_batches=1,
     )
     trainer = Trainer(small_config(**MOE, moe_bias_rate=0.01), config, tmp_path / "run", progress=False)
@@ -114,7 +114,7 @@ def test_engine_decodes_a_moe_model_exactly() -> None:
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
     log_probs, _, _ = engine.score(ids, GenerationConfig(loops=4))
     with torch.no_grad():
-        full = torch.log_softmax(model(ids, num_steps=4).logits[:, :-1].float(), -1)
+        full = torch.log_softmax(model(ids, loops=4).logits[:, :-1].float(), -1)
     torch.testing.assert_close(log_probs, full.gather(2, ids[:, 1:, None])[..., 0], atol=1e-4, rtol=0)
     batched = engine.generate([[1, 2, 3], [4, 5]], GenerationConfig(loops=4, max_new_tokens=5, stop_tokens=()))
     alone = engine.generate([[4, 5]], GenerationConfig(loops=4, max_new_tokens=5, stop_tokens=()))

@@ -37,7 +37,7 @@ def train_config(corpus: Path, **changes: object) -> TrainConfig:
         "lr": 3e-3,
         "warmup_steps": 3,
         "eval_every": 6,
-        "eval_depths": (1, 3),
+        "eval_loops": (1, 3),
         "eval_batches": 1,
         "save_every": 6,
         "log_every": 1,
@@ -81,16 +81,16 @@ def test_metrics_log_and_evaluation(corpus: Path, tmp_path: Path) -> None:
     train = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
     assert [r["step"] for r in train] == list(range(1, 7))
     for record in train:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "depth"):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "loops"):
             assert math.isfinite(record[key]), key
         assert 0 < record["mfu"] < 1
     assert train[-1]["loss"] < train[0]["loss"]
     evals = read_metrics(tmp_path / "run" / "metrics.jsonl", "eval")
-    assert {(r["step"], r["depth"]) for r in evals} == {(3, 1), (3, 3), (6, 1), (6, 3)}
+    assert {(r["step"], r["loops"]) for r in evals} == {(3, 1), (3, 3), (6, 1), (6, 3)}
     for record in evals:
         assert record["perplexity"] == pytest.approx(math.exp(record["loss"]), rel=1e-6)
         assert record["state_change"] >= 0 and -1 <= record["token_correlation"] <= 1
-    assert [r.steps for r in trainer.result.evaluation] == [1, 3]
+    assert [r.loops for r in trainer.result.evaluation] == [1, 3]
     saved = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
     assert saved.step == 6 and saved.meta["train_config"]["steps"] == 6
     assert saved.tokenizer_json and saved.config.vocab_size == 320  # 270 byte-level ids padded to 64

@@ -53,9 +53,9 @@ def stream_iterations(
     seed: int = 0,
     attention_mask: torch.Tensor | None = None,
 ) -> None:
-    """Run ``model(ids, num_steps=loops, seed=seed)`` once and call ``visit(i, state, logits)`` after every
+    """Run ``model(ids, loops=loops, seed=seed)`` once and call ``visit(i, state, logits)`` after every
     iteration i (1-based); ``logits`` are the decoded state when ``decode`` (else None). The last iteration's
-    logits are the forward's own, so they equal ``model(ids, num_steps=loops, seed=seed).logits`` exactly."""
+    logits are the forward's own, so they equal ``model(ids, loops=loops, seed=seed).logits`` exactly."""
     with evaluating(model):
         ctx = model.context(ids, attention_mask=attention_mask)
 
@@ -63,5 +63,5 @@ def stream_iterations(
             if iteration < loops:  # the forward decodes the last state itself
                 visit(iteration, state, model.decode(state, ctx) if decode else None)
 
-        out = model(ids, num_steps=loops, seed=seed, attention_mask=attention_mask, on_state=on_state)
+        out = model(ids, loops=loops, seed=seed, attention_mask=attention_mask, on_state=on_state)
         visit(loops, out.state, out.logits)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from loopformer.evaluation.perplexity import evaluate_depths
+from loopformer.evaluation.perplexity import evaluate_loops
 from loopformer.tasks.base import Example
 from loopformer.tasks.evaluate import evaluate_task
 from loopformer.tokenizer import TextTokenizer
@@ -36,7 +36,7 @@ def task_accuracy_curve(
 ) -> Curve:
     """Exact-match accuracy (fraction of solved ``examples``) at each of ``loops``, via :func:`evaluate_task`."""
     results = evaluate_task(model, tokenizer, examples, loops, batch_size=batch_size, seed=seed)
-    return Curve(label, [r.steps for r in results], [r.exact_match for r in results], "accuracy")
+    return Curve(label, [r.loops for r in results], [r.exact_match for r in results], "accuracy")
 
 
 def perplexity_curve(
@@ -49,8 +49,8 @@ def perplexity_curve(
 ) -> Curve:
     """Perplexity of the scored tokens of ``batches`` (``input_ids`` / ``labels``) at each of ``loops``.
 
-    Computed by :func:`evaluate_depths`; every loop count starts from the same initial state (``seed``).
+    Computed by :func:`evaluate_loops`; every loop count starts from the same initial state (``seed``).
     """
     with torch.inference_mode():
-        results = evaluate_depths(model, batches, loops, seed=seed)
-    return Curve(label, [r.steps for r in results], [r.perplexity for r in results], "perplexity")
+        results = evaluate_loops(model, batches, loops, seed=seed)
+    return Curve(label, [r.loops for r in results], [r.perplexity for r in results], "perplexity")

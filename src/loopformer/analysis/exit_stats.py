@@ -23,7 +23,7 @@ from loopformer.inference.exits import ExitRule, ExitTracker, parse_exit_rule
 class ExitStatistics:
     """Exit iterations of one rule.
 
-    ``steps`` [B, T]: the first iteration (1-based) at which the rule fired at that position, or ``loops`` if it
+    ``loops`` [B, T]: the first iteration (1-based) at which the rule fired at that position, or ``loops`` if it
     never did within the pass (so a rule firing exactly at ``loops`` and one that never fires look the same).
     ``histogram``: ``{iteration: number of positions}`` over the positions of ``mask``, only iterations that
     occur, ascending; its counts sum to the number of masked positions. ``mean``: mean exit iteration over those
@@ -31,7 +31,7 @@ class ExitStatistics:
     """
 
     criterion_label: str
-    steps: torch.Tensor
+    loops: torch.Tensor
     histogram: dict[int, int]
     mean: float
 
@@ -77,7 +77,7 @@ def exit_statistics(
     """Exit iteration of every position of ``ids`` [B, T] under each of ``rules`` within ``loops`` iterations.
 
     ``rules``: :class:`ExitRule` objects or strings such as ``"kl:5e-4"`` (see :func:`parse_exit_rule`).
-    The pass is ``model(ids, num_steps=loops, seed=seed, attention_mask=attention_mask)``; depth r's state is
+    The pass is ``model(ids, loops=loops, seed=seed, attention_mask=attention_mask)``; depth r's state is
     the one a separate r-iteration forward would reach. ``mask`` [B, T] (bool, default all True) selects the
     positions counted by the histogram and mean, e.g. the scored targets of a task. Returns one
     :class:`ExitStatistics` per rule, in order. The model runs in eval mode (its previous mode is restored).

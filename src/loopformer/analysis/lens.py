@@ -22,7 +22,7 @@ class LogitLens:
 
     ``top_ids`` / ``top_probs`` [R, B, T, k]: the k most likely next tokens of decode(s_i) (most likely first)
     and their probabilities (softmax in fp32). ``final_ids`` [B, T]: the argmax at the last iteration, the same
-    as the argmax of ``model(ids, num_steps=R, seed=seed).logits``. ``first_hit`` [B, T]: the first iteration
+    as the argmax of ``model(ids, loops=R, seed=seed).logits``. ``first_hit`` [B, T]: the first iteration
     (1-based, always in 1..R) from which the argmax equals ``final_ids`` and stays equal until iteration R.
     ``entropy`` [R, B, T]: entropy (nats) of each iteration's distribution.
     """
@@ -61,7 +61,7 @@ def logit_lens(
 ) -> LogitLens:
     """Decode the state after each of ``loops`` iterations of ``model`` on ``ids`` [B, T]; keep the top ``k``.
 
-    The pass is ``model(ids, num_steps=loops, seed=seed, attention_mask=attention_mask)``; its own final logits
+    The pass is ``model(ids, loops=loops, seed=seed, attention_mask=attention_mask)``; its own final logits
     serve as the last iteration's, so the lens ends exactly where the forward does. The model runs in eval mode
     (its previous mode is restored).
     """

@@ -38,7 +38,7 @@ def final_states(
     *,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[S, B, T, D] float32: ``model(ids, num_steps=loops, seed=s).state`` for each seed.
+    """[S, B, T, D] float32: ``model(ids, loops=loops, seed=s).state`` for each seed.
 
     The prelude runs once; only the core iterations are repeated per seed (no decoding).
     """

@@ -112,7 +112,7 @@ def analyze(
 
     path = out_dir / "trajectory.npy" if options.on_disk else None
     trajectory = record_trajectory(model, main.ids, options.loops, seed=options.seed, normed=options.normed, path=path)
-    reference = model(main.ids, num_steps=options.reference_loops, seed=options.seed).state
+    reference = model(main.ids, loops=options.reference_loops, seed=options.seed).state
     conv = convergence(trajectory, reference)
     numbers["convergence"] = {
         "final_distance_mean": float(conv.distance[..., -1].float().mean()),

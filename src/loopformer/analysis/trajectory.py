@@ -112,7 +112,7 @@ def record_trajectory(
             store[i - 1].copy_(half)
 
     with evaluating(model):
-        model(ids, num_steps=loops, seed=seed, attention_mask=attention_mask, on_state=keep)
+        model(ids, loops=loops, seed=seed, attention_mask=attention_mask, on_state=keep)
     if path is None:
         return Trajectory(states=store, ids=ids.detach().cpu(), normed=normed)
     store.flush()

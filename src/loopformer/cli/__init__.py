@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from loopformer import __version__
 from loopformer.cli import (
@@ -28,6 +30,7 @@ from loopformer.cli import (
     serve,
     train,
 )
+from loopformer.deprecation import LoopformerDeprecationWarning
 from loopformer.errors import LoopformerError
 
 COMMANDS = (
@@ -48,19 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return args.run(args)
-    except LoopformerError as exc:
-        print(f"loopformer: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("loopformer: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line(warnings.showwarning)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.print_help(sys.stderr)
+            return 2
+        try:
+            return args.run(args)
+        except LoopformerError as exc:
+            print(f"loopformer: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("loopformer: interrupted", file=sys.stderr)
+            return 130
+
+
+def _one_line(show: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` that prints our deprecation warnings as one ``loopformer: warning:`` line."""
+
+    def shown(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, LoopformerDeprecationWarning):
+            print(f"loopformer: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kwargs)
+
+    return shown
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 from loopformer.analysis.curves import perplexity_curve, task_accuracy_curve
 from loopformer.analysis.run import DEFAULT_RULES, AnalysisOptions, InputGroup, analyze
-from loopformer.cli.arguments import parse_steps
+from loopformer.cli.arguments import parse_counts
 from loopformer.errors import InputError
 from loopformer.inference.chat import encode_prompt
 from loopformer.inference.exits import parse_exit_rule
@@ -50,7 +50,7 @@ def _task_groups(args: argparse.Namespace, tokenizer: TextTokenizer, name: str) 
     task = get_task(name)
     encoder = TaskEncoder(tokenizer)
     groups, examples = [], {}
-    for difficulty in parse_steps(args.difficulty, "--difficulty"):
+    for difficulty in parse_counts(args.difficulty, "--difficulty"):
         task.check_difficulty(difficulty)
         chosen = task.generate(difficulty, args.count, seed=args.seed)
         encoder.check(chosen, f"{name} at {task.difficulty_name} {difficulty}")
@@ -83,13 +83,13 @@ def run(args: argparse.Namespace) -> int:
         reference_loops=args.reference_loops or 4 * args.loops,
         seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
         exit_rules=rules,
-        pca_tokens=tuple(parse_steps(args.tokens, "--tokens")) if args.tokens else None,
+        pca_tokens=tuple(parse_counts(args.tokens, "--tokens")) if args.tokens else None,
         row=args.row,
         seed=args.seed,
         on_disk=args.on_disk,
         normed=args.normed,
     )
-    curve_loops = parse_steps(args.curve_loops, "--curve-loops")
+    curve_loops = parse_counts(args.curve_loops, "--curve-loops")
     others = [(Path(p), load_trained_model(Path(p), use_ema=args.ema)[0]) for p in args.compare]
     models = [(path, model), *others]
     if args.text is not None:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from loopformer.cli.arguments import parse_steps
+from loopformer.cli.arguments import parse_counts
 from loopformer.config import atomic_write_text
 from loopformer.errors import InputError
 from loopformer.presets import PRESETS, get_preset
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preset:
         recipe = with_architecture(recipe, get_preset(args.preset))
     if args.loops:
-        recipe = replace(recipe, loops=tuple(sorted(set(parse_steps(args.loops, "--loops")))))
+        recipe = replace(recipe, loops=tuple(sorted(set(parse_counts(args.loops, "--loops")))))
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise InputError(f"--out {args.out} is not empty; choose a new directory for the demo's runs.")
 

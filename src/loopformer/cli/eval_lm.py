@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.cli.arguments import add_checkpoint_argument, parse_steps
+from loopformer.cli.arguments import add_checkpoint_argument, parse_counts
 from loopformer.errors import InputError
 from loopformer.table import format_table
 
 
 def run(args: argparse.Namespace) -> int:
-    loops = parse_steps(args.loops, "--loops")
+    loops = parse_counts(args.loops, "--loops")
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
         raise InputError(f"--tasks {args.tasks!r} names no task; give comma-separated lm-eval task names.")

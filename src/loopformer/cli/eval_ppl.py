@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_steps
+from loopformer.cli.arguments import add_checkpoint_argument, add_renamed_flag, add_report_arguments, parse_counts
 from loopformer.errors import InputError
-from loopformer.evaluation.perplexity import evaluate_depths, format_depth_table
+from loopformer.evaluation.perplexity import evaluate_loops, format_loops_table
 from loopformer.loading import load_trained_model
 from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
@@ -19,7 +19,7 @@ from loopformer.training.pipeline import prepare_data
 
 
 def run(args: argparse.Namespace) -> int:
-    depths = parse_steps(args.depths, "--depths")
+    loops = parse_counts(args.loops, "--loops")
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     saved = dict(state.meta.get("train_config", {}))
     changes = {"data": args.data, "val_data": None} if args.data is not None else {}
@@ -37,19 +37,22 @@ def run(args: argparse.Namespace) -> int:
         else None
     )
     with torch.inference_mode():
-        results = evaluate_depths(model, batches, depths, seed=args.seed, forward_kwargs=mask)
+        results = evaluate_loops(model, batches, loops, seed=args.seed, forward_kwargs=mask)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "step": state.step, "results": [r.__dict__ for r in results]}))
     else:
         print(f"{path} (step {state.step}), {sum(r.tokens for r in results[:1]):,} validation tokens")
-        print(format_depth_table(results))
+        print(format_loops_table(results))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval-ppl", help="validation perplexity of a checkpoint vs depth")
     add_checkpoint_argument(parser)
-    parser.add_argument("--depths", default="1,4,8,16,32", help="comma-separated core iteration counts")
+    loops = parser.add_argument(
+        "--loops", default="1,4,8,16,32", help="comma-separated loop counts (default: %(default)s)"
+    )
+    add_renamed_flag(parser, loops, "--depths")
     parser.add_argument("--data", help="evaluate on this source instead of the run's validation split")
     parser.add_argument("--seq-len", type=int, help="row length (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_steps
+from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_counts
 from loopformer.cli.generation_args import add_exit_arguments, exit_rule
 from loopformer.errors import InputError
 from loopformer.loading import load_trained_model
@@ -23,7 +23,7 @@ from loopformer.tokenizer import TextTokenizer
 
 
 def run(args: argparse.Namespace) -> int:
-    loops = parse_steps(args.loops, "--loops")
+    loops = parse_counts(args.loops, "--loops")
     rule = exit_rule(args)
     if args.data and (args.task is not None or args.difficulty is not None):
         raise InputError("give either --data or --task/--difficulty, not both.")

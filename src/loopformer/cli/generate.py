@@ -21,7 +21,7 @@ def summary(result: GenerationResult) -> str:
     speed = result.new_tokens / result.seconds if result.seconds > 0 else 0.0
     line = (
         f"{result.new_tokens} tokens in {result.seconds:.2f} s ({speed:.1f} tok/s), "
-        f"{result.mean_steps:.2f} loops/token, KV cache {result.cache_bytes / 2**20:.1f} MiB"
+        f"{result.mean_loops:.2f} loops/token, KV cache {result.cache_bytes / 2**20:.1f} MiB"
     )
     if result.acceptance_rate is not None:
         line += f", draft acceptance {result.acceptance_rate:.0%}"
@@ -45,13 +45,13 @@ def run(args: argparse.Namespace) -> int:
             "speculative": args.speculative,
             "seconds": result.seconds,
             "tokens_per_s": result.new_tokens / result.seconds if result.seconds > 0 else None,
-            "mean_loops_per_token": result.mean_steps,
+            "mean_loops_per_token": result.mean_loops,
             "cache_bytes": result.cache_bytes,
             "acceptance_rate": result.acceptance_rate,
             "dtype": engine.dtype_choice.name,
             "dtype_reason": engine.dtype_choice.reason,
             "outputs": [
-                {"prompt": text, "text": o.text, "tokens": o.tokens, "steps": o.steps, "finish_reason": o.finish_reason}
+                {"prompt": text, "text": o.text, "tokens": o.tokens, "loops": o.loops, "finish_reason": o.finish_reason}
                 for text, o in zip(args.prompt, result.outputs, strict=True)
             ],
         }
@@ -77,6 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="complete prompts with a checkpoint (batched, streaming)")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     add_generation_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object with texts, steps and speed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with texts, loops and speed")
     parser.add_argument("--quiet", action="store_true", help="no summary line on stderr")
     parser.set_defaults(run=run)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from loopformer.cli.arguments import add_renamed_flag
 from loopformer.errors import InputError
 from loopformer.hardware import DTYPES
 from loopformer.inference.engine import Engine, GenerationConfig
@@ -33,7 +34,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser)
-    depth = parser.add_argument_group("depth")
+    depth = parser.add_argument_group("loops")
     depth.add_argument("--loops", type=int, help="core iterations per token (the ceiling with --exit; default: mean)")
     add_exit_arguments(depth)
     depth.add_argument("--force", action="store_true", help="allow --loops above 4096 (minutes per token)")
@@ -62,19 +63,22 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_exit_arguments(group: argparse._ActionsContainer) -> None:
-    """``--exit``, ``--min-steps`` and ``--check-every``: a per-token exit rule (read by :func:`exit_rule`)."""
+    """``--exit``, ``--min-loops`` and ``--check-every``: a per-token exit rule (read by :func:`exit_rule`)."""
     group.add_argument(
         "--exit", metavar="CRITERION[:THR]", help="per-token early exit, e.g. kl:5e-4, latent-diff:0.03, act:0.99"
     )
-    group.add_argument("--min-steps", type=int, default=1, help="no exit before this many iterations (default: 1)")
+    min_loops = group.add_argument(
+        "--min-loops", type=int, default=1, help="no exit before this many loops (default: 1)"
+    )
+    add_renamed_flag(group, min_loops, "--min-steps")
     group.add_argument("--check-every", type=int, default=1, help="test the exit rule every N iterations")
 
 
 def exit_rule(args: argparse.Namespace) -> ExitRule | None:
-    """The exit rule that ``--exit`` / ``--min-steps`` / ``--check-every`` describe (None without ``--exit``)."""
+    """The exit rule that ``--exit`` / ``--min-loops`` / ``--check-every`` describe (None without ``--exit``)."""
     if not args.exit:
         return None
-    return parse_exit_rule(args.exit, min_steps=args.min_steps, check_every=args.check_every)
+    return parse_exit_rule(args.exit, min_loops=args.min_loops, check_every=args.check_every)
 
 
 def parse_speculative(text: str | None) -> tuple[int, int] | None:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from loopformer.checkpoint import load_model_config
-from loopformer.cli.arguments import parse_steps
+from loopformer.cli.arguments import parse_counts
 from loopformer.errors import InputError
 from loopformer.inference.cache import cache_bytes, parse_slot_policy
 from loopformer.presets import get_preset
@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give either --preset NAME or --ckpt DIR.")
     config = get_preset(args.preset) if args.preset else load_model_config(Path(args.ckpt))
     policies = [parse_slot_policy(text) for text in args.kv.split(",") if text.strip()]
-    tokens = parse_steps(args.tokens, "--tokens")
-    loops = parse_steps(args.loops, "--loops")
+    tokens = parse_counts(args.tokens, "--tokens")
+    loops = parse_counts(args.loops, "--loops")
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1, got {args.batch}.")
     rows = []

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-loops must be an integer >= 1, got {args.max_loops}.")
     effort = parse_effort(args.effort) if args.effort else None
     engine, path = load_engine(args)
-    mean = engine.model.config.recurrence.mean_steps
+    mean = engine.model.config.recurrence.mean_loops
     effort = effort or default_effort(mean)
     settings = ServerSettings(
         model_name=args.model_name or Path(args.ckpt).resolve().name,

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
+from loopformer.cli.arguments import add_renamed_flag
 from loopformer.config import ModelConfig, RecurrenceConfig, read_config_file
+from loopformer.deprecation import RENAMED, upgrade_keys
 from loopformer.errors import ConfigError
 from loopformer.presets import PRESETS, get_preset
 from loopformer.tasks.builtin import TASKS
@@ -33,7 +35,7 @@ HELP = {
     "eval_data": "JSONL examples to validate a task run on (default: a --val-fraction share of --task-data)",
     "tokenizer": "bpe (trained on the data and cached), byte, or a tokenizer.json path",
     "steps": "total optimizer steps (the schedule's length)",
-    "eval_depths": "comma-separated depths for validation perplexity (and exact match on tasks)",
+    "eval_loops": "comma-separated depths for validation perplexity (and exact match on tasks)",
     "init_from": "fine-tune: start from this checkpoint's weights, tokenizer and model config (a model that adds "
     "a halting head, --halting act, starts that head fresh)",
     "init_from_ema": "start --init-from from the checkpoint's EMA weights (the ones its evaluation scored)",
@@ -92,9 +94,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 )
             else:
                 kind = optional_value(parse) if optional else parse
-                group.add_argument(
+                action = group.add_argument(
                     flag, dest=dest, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=helptext
                 )
+                for old in (name for name, new in RENAMED.items() if new == f.name):
+                    add_renamed_flag(group, action, "--" + old.replace("_", "-"))
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -117,12 +121,13 @@ def file_overrides(path: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
     owners = {
         f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if (s, f.name) not in SKIPPED_FIELDS
     }
-    for key, value in data.items():
+    for key, value in upgrade_keys(data, set(owners), "run file").items():
         if key in SECTIONS and isinstance(value, dict):
-            for name, inner in value.items():
+            fields = {f.name for f in dataclasses.fields(SECTIONS[key])}
+            for name, inner in upgrade_keys(value, fields, f"run file section {key!r}").items():
                 if name == "recurrence" and key == "model" and isinstance(inner, dict):
                     out["recurrence"].update(inner)
-                elif name not in {f.name for f in dataclasses.fields(SECTIONS[key])}:
+                elif name not in fields:
                     raise ConfigError(f"Run file {path!r}: {key}.{name} is not a {SECTIONS[key].__name__} field.")
                 else:
                     out[key][name] = inner
@@ -179,10 +184,10 @@ def run(args: argparse.Namespace) -> int:
     )
     result = trainer.fit()
     if result.evaluation and trainer.dist.is_main:
-        from loopformer.evaluation.perplexity import format_depth_table
+        from loopformer.evaluation.perplexity import format_loops_table
         from loopformer.tasks.evaluate import format_accuracy_table
 
-        table = format_accuracy_table if train_config.is_task else format_depth_table
+        table = format_accuracy_table if train_config.is_task else format_loops_table
         print(table(result.evaluation))
     return 0
 

@@ -37,7 +37,7 @@ class DepthResult:
     reasoning task whose answer is the labelled tokens. ``state_rms``: root mean square of the final state.
     """
 
-    steps: int
+    loops: int
     loss: float
     perplexity: float
     state_change: float
@@ -115,12 +115,12 @@ def _check_depths(depths: Sequence[int]) -> list[int]:
             raise InputError(f"Evaluation depths must be integers >= 1, got {depth!r}.")
         checked.append(int(depth))
     if not checked:
-        raise InputError("evaluate_depths needs at least one depth.")
+        raise InputError("evaluate_loops needs at least one depth.")
     return checked
 
 
 @torch.no_grad()
-def evaluate_depths(
+def evaluate_loops(
     model: torch.nn.Module,
     batches: Iterable[Any],
     depths: Sequence[int],
@@ -166,16 +166,16 @@ def evaluate_depths(
     finally:
         model.train(was_training)
     if not seen_batch:
-        raise InputError("evaluate_depths got no batches.")
+        raise InputError("evaluate_loops got no batches.")
     if tokens == 0:
-        raise InputError("evaluate_depths got no scored tokens (every label is -100).")
+        raise InputError("evaluate_loops got no scored tokens (every label is -100).")
     results = []
     for depth in depths:
         acc = sums[depth]
         loss = acc.loss_sum / tokens
         results.append(
             DepthResult(
-                steps=depth,
+                loops=depth,
                 loss=loss,
                 perplexity=_exp(loss),
                 state_change=acc.change_sum / acc.batches,
@@ -210,7 +210,7 @@ def _run_batch(
             sums[depth].add(model.decode(state, ctx), targets, state, previous)
         previous = state
 
-    model(ids, num_steps=deepest, seed=seed, on_output=visit, **kwargs)
+    model(ids, loops=deepest, seed=seed, on_output=visit, **kwargs)
 
 
 def _exp(x: float) -> float:
@@ -226,11 +226,11 @@ def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(F.cross_entropy(scores, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
 
 
-def format_depth_table(results: Sequence[DepthResult]) -> str:
-    """A text table: steps | loss | ppl | state change | token corr."""
+def format_loops_table(results: Sequence[DepthResult]) -> str:
+    """A text table: loops | loss | ppl | state change | token corr."""
     rows = [
         [
-            r.steps,
+            r.loops,
             round(r.loss, 4),
             round(r.perplexity, 2),
             f"{r.state_change:.2e}",
@@ -238,4 +238,4 @@ def format_depth_table(results: Sequence[DepthResult]) -> str:
         ]
         for r in results
     ]
-    return format_table(["steps", "loss", "ppl", "state change", "token corr."], rows)
+    return format_table(["loops", "loss", "ppl", "state change", "token corr."], rows)

@@ -63,12 +63,12 @@ class SlotPolicy:
         """The policy in the form :func:`parse_slot_policy` reads."""
         return f"ring:{self.size}" if self.kind == "ring" else self.kind
 
-    def slots(self, max_steps: int) -> int:
-        """Physical slots per core layer when at most ``max_steps`` iterations run (a ring larger than that holds
+    def slots(self, max_loops: int) -> int:
+        """Physical slots per core layer when at most ``max_loops`` iterations run (a ring larger than that holds
         no more than the full cache: its extra slots would never be written)."""
         if self.kind == "full":
-            return max_steps
-        return min(self.size, max_steps) if self.kind == "ring" else 1
+            return max_loops
+        return min(self.size, max_loops) if self.kind == "ring" else 1
 
     def slot(self, iteration: int) -> int:
         """The slot of 0-based iteration ``iteration``."""
@@ -111,13 +111,13 @@ def cache_bytes(
     config: ModelConfig,
     policy: SlotPolicy | str,
     tokens: int,
-    max_steps: int,
+    max_loops: int,
     batch_size: int = 1,
     element_bytes: int = 4,
 ) -> int:
-    """Bytes of keys and values a cache holds for ``tokens`` tokens per row at up to ``max_steps`` iterations."""
+    """Bytes of keys and values a cache holds for ``tokens`` tokens per row at up to ``max_loops`` iterations."""
     policy = parse_slot_policy(policy)
-    layers_written = config.n_prelude + config.n_coda + config.n_core * policy.slots(max_steps)
+    layers_written = config.n_prelude + config.n_coda + config.n_core * policy.slots(max_loops)
     per_layer = sum(heads * width for heads, width in cache_entry(config))
     return layers_written * per_layer * element_bytes * tokens * batch_size
 
@@ -140,17 +140,17 @@ class KVCache:
         batch_size: int,
         capacity: int,
         policy: SlotPolicy | str = "full",
-        max_steps: int | None = None,
+        max_loops: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.policy = parse_slot_policy(policy)
-        steps = config.recurrence.mean_steps if max_steps is None else max_steps
+        steps = config.recurrence.mean_loops if max_loops is None else max_loops
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise InputError(f"the cache's max_steps must be an integer >= 1, got {max_steps!r}.")
+            raise InputError(f"the cache's max_loops must be an integer >= 1, got {max_loops!r}.")
         if capacity < 1 or batch_size < 1:
             raise InputError(f"a KV cache needs batch_size >= 1 and capacity >= 1, got {batch_size} and {capacity}.")
-        self.config, self.batch_size, self.capacity, self.max_steps = config, batch_size, capacity, steps
+        self.config, self.batch_size, self.capacity, self.max_loops = config, batch_size, capacity, steps
         self.n_slots = self.policy.slots(steps)
         device = torch.device(device or "cpu")
 
@@ -327,7 +327,7 @@ class KVPass:
             if slot >= self.cache.n_slots:
                 raise InputError(
                     f"the 'full' KV cache holds {self.cache.n_slots} iterations; iteration {iteration + 1} does "
-                    "not fit (allocate the cache with a larger max_steps)."
+                    "not fit (allocate the cache with a larger max_loops)."
                 )
             store_k, store_v = store_k[slot], store_v[slot]
         if self.frozen is not None:

@@ -18,7 +18,7 @@ act               p_1 + ... + p_t, the learned halting head's cumulative       >
 ================  ===========================================================  =========  =======
 
 The ``act`` criterion is not zero-shot: it follows the halting head of :mod:`loopformer.nn.halting` and takes
-its halting distribution as it is (``min_steps`` and ``check_every`` must stay 1). Given a model's halting head,
+its halting distribution as it is (``min_loops`` and ``check_every`` must stay 1). Given a model's halting head,
 a tracker of any criterion accumulates the ACT mixture, so a position that exits at iteration t is decoded from
 the mixture capped at t (the halting iteration or t takes the remainder), as the model was trained.
 
@@ -65,16 +65,16 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class ExitRule:
-    """When a position stops iterating: ``criterion`` against ``threshold``, within [min_steps, max_steps].
+    """When a position stops iterating: ``criterion`` against ``threshold``, within [min_loops, max_loops].
 
-    A position can exit at iteration t (1-based) only when t >= ``min_steps`` and t is a multiple of
-    ``check_every``; at t >= ``max_steps`` every position exits, whatever the criterion says.
+    A position can exit at iteration t (1-based) only when t >= ``min_loops`` and t is a multiple of
+    ``check_every``; at t >= ``max_loops`` every position exits, whatever the criterion says.
     """
 
     criterion: str
     threshold: float
-    min_steps: int = 1
-    max_steps: int | None = None
+    min_loops: int = 1
+    max_loops: int | None = None
     check_every: int = 1
 
     def __post_init__(self) -> None:
@@ -85,20 +85,20 @@ class ExitRule:
             raise InputError(f"exit threshold of {self.criterion} must be a finite number >= 0, got {value!r}.")
         if self.criterion == "argmax-stability" and value < 1:
             raise InputError(f"the argmax-stability threshold counts iterations and must be >= 1, got {value!r}.")
-        if not _is_int(self.min_steps) or self.min_steps < 1:
-            raise InputError(f"exit min_steps must be an integer >= 1, got {self.min_steps!r}.")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < self.min_steps):
+        if not _is_int(self.min_loops) or self.min_loops < 1:
+            raise InputError(f"exit min_loops must be an integer >= 1, got {self.min_loops!r}.")
+        if self.max_loops is not None and (not _is_int(self.max_loops) or self.max_loops < self.min_loops):
             raise InputError(
-                f"exit max_steps must be an integer >= min_steps ({self.min_steps}), got {self.max_steps!r}."
+                f"exit max_loops must be an integer >= min_loops ({self.min_loops}), got {self.max_loops!r}."
             )
         if not _is_int(self.check_every) or self.check_every < 1:
             raise InputError(f"exit check_every must be an integer >= 1, got {self.check_every!r}.")
         if self.criterion == "act":
             if not 0 < value <= 1:
                 raise InputError(f"the act threshold is a cumulative probability in (0, 1], got {value!r}.")
-            if self.min_steps != 1 or self.check_every != 1:
+            if self.min_loops != 1 or self.check_every != 1:
                 raise InputError(
-                    "the act exit follows the learned halting distribution; min_steps and check_every must be 1."
+                    "the act exit follows the learned halting distribution; min_loops and check_every must be 1."
                 )
 
     @property
@@ -112,7 +112,7 @@ class ExitRule:
         return f"{self.criterion}:{self.threshold:g}"
 
 
-def parse_exit_rule(text: str, *, min_steps: int = 1, max_steps: int | None = None, check_every: int = 1) -> ExitRule:
+def parse_exit_rule(text: str, *, min_loops: int = 1, max_loops: int | None = None, check_every: int = 1) -> ExitRule:
     """An :class:`ExitRule` from ``CRITERION`` or ``CRITERION:THRESHOLD`` (e.g. ``kl:5e-4``, ``argmax-stability:5``).
 
     Without a threshold the criterion's default from :data:`EXIT_CRITERIA` (or :data:`LEARNED_CRITERIA`) applies.
@@ -132,7 +132,7 @@ def parse_exit_rule(text: str, *, min_steps: int = 1, max_steps: int | None = No
             ) from None
         if name == "argmax-stability" and threshold.is_integer():
             threshold = int(threshold)
-    return ExitRule(name, threshold, min_steps=min_steps, max_steps=max_steps, check_every=check_every)
+    return ExitRule(name, threshold, min_loops=min_loops, max_loops=max_loops, check_every=check_every)
 
 
 def check_halting(rule: ExitRule | None, halting: HaltingHead | None) -> None:
@@ -195,7 +195,7 @@ class ExitTracker:
         self._act: ACT | None = None
         if self.halting is not None:
             threshold = self.rule.threshold if self.rule.criterion == "act" else ACT_THRESHOLD
-            self._act = ACT(self.halting, self.rule.max_steps, threshold)
+            self._act = ACT(self.halting, self.rule.max_loops, threshold)
 
     def select(self, keep: torch.Tensor) -> None:
         """Track only the positions ``keep`` (indices along the first leading dimension) from now on.
@@ -256,9 +256,9 @@ class ExitTracker:
         rule = self.rule
         # a count reaches its threshold; a difference falls below it (NaN: no previous iteration, never fires)
         fired = value >= rule.threshold if rule.criterion in RISING_CRITERIA else value < rule.threshold
-        if step < rule.min_steps or step % rule.check_every != 0:
+        if step < rule.min_loops or step % rule.check_every != 0:
             fired = torch.zeros_like(fired)
-        if rule.max_steps is not None and step >= rule.max_steps:
+        if rule.max_loops is not None and step >= rule.max_loops:
             fired = torch.ones_like(fired)
         self._record(step, value, fired)
         return fired
@@ -311,7 +311,7 @@ class RowExitRule:
     """The :class:`~loopformer.model.RowExits` of a decoding pass: an exit rule, per-row loop budgets, or both.
 
     After iteration t a row leaves when its ``budget`` (a [b] tensor of loop counts, continuous batching) is t, or
-    when ``rule`` fires for it (checked from ``min_steps - 1`` on, the iteration before the first allowed exit giving
+    when ``rule`` fires for it (checked from ``min_loops - 1`` on, the iteration before the first allowed exit giving
     the rule its previous value; every iteration with an ACT head, whose mixture accumulates). Rules on the logits
     decode the state at each checked iteration.
     """
@@ -323,7 +323,7 @@ class RowExitRule:
     def fired(self, step: int, state: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
         fired = None if self.budget is None else self.budget == step
         tracker = self.tracker
-        if tracker is not None and (step + 1 >= self.rule.min_steps or self.model.halting is not None):
+        if tracker is not None and (step + 1 >= self.rule.min_loops or self.model.halting is not None):
             logits = self.model.decode(state, ctx) if tracker.needs_logits else None  # (ACT mixes every iteration)
             ruled = tracker.update(step, state, logits)[:, 0]
             fired = ruled if fired is None else fired | ruled

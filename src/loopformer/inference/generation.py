@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from loopformer.deprecation import warn_renamed
 from loopformer.errors import InputError
 from loopformer.inference.cache import SlotPolicy, parse_slot_policy
 from loopformer.inference.exits import ExitRule, parse_exit_rule
@@ -26,7 +27,7 @@ def _positive_int(value: object, name: str) -> int:
 @dataclass(frozen=True)
 class GenerationConfig:
     """What one generation call does. ``loops`` is the core iteration count per token (the ceiling when an
-    ``exit`` rule is set); None means the model's ``mean_steps``.
+    ``exit`` rule is set); None means the model's ``mean_loops``.
 
     ``exit``: a rule or ``"criterion[:threshold]"`` (see :mod:`loopformer.inference.exits`); ``kv``: ``full``,
     ``last`` or ``ring:K``; ``warm_start``: continuous compute; ``speculative``: ``(draft_loops, lookahead)``;
@@ -84,13 +85,19 @@ class Generation:
     """One row's output: the new tokens, the core iterations each took, its text and why it stopped."""
 
     tokens: list[int]
-    steps: list[int]
+    loops: list[int]
     text: str | None
     finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens or the context limit)
 
     @property
-    def mean_steps(self) -> float:
-        return sum(self.steps) / len(self.steps) if self.steps else 0.0
+    def mean_loops(self) -> float:
+        return sum(self.loops) / len(self.loops) if self.loops else 0.0
+
+    @property
+    def steps(self) -> list[int]:
+        """Deprecated old name of :attr:`loops`."""
+        warn_renamed("Generation.steps", "Generation.loops")
+        return self.loops
 
 
 @dataclass
@@ -107,8 +114,8 @@ class GenerationResult:
         return sum(len(o.tokens) for o in self.outputs)
 
     @property
-    def mean_steps(self) -> float:
-        steps = [s for o in self.outputs for s in o.steps]
+    def mean_loops(self) -> float:
+        steps = [s for o in self.outputs for s in o.loops]
         return sum(steps) / len(steps) if steps else 0.0
 
 
@@ -118,7 +125,7 @@ class TokenEvent:
 
     row: int
     token: int | None  # None: the row's held-back text released when it finished
-    steps: int
+    loops: int
     text: str = ""
 
 
@@ -127,5 +134,5 @@ class Scores(NamedTuple):
     iterations behind that prediction."""
 
     log_probs: torch.Tensor
-    steps: torch.Tensor
+    loops: torch.Tensor
     predictions: torch.Tensor

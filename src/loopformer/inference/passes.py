@@ -41,7 +41,7 @@ class PassResult:
 
     logits: torch.Tensor
     state: torch.Tensor
-    steps: torch.Tensor
+    loops: torch.Tensor
 
 
 class PassRunner:
@@ -65,12 +65,12 @@ class PassRunner:
         return self.model.tok_emb.weight.dtype
 
     def resolve_loops(self, config: GenerationConfig) -> int:
-        """Core iterations per token: ``config.loops``, else the exit rule's ``max_steps``, else ``mean_steps``."""
+        """Core iterations per token: ``config.loops``, else the exit rule's ``max_loops``, else ``mean_loops``."""
         if config.loops is not None:
             return config.loops
-        if isinstance(config.exit, ExitRule) and config.exit.max_steps is not None:
-            return config.exit.max_steps
-        return self.model.config.recurrence.mean_steps
+        if isinstance(config.exit, ExitRule) and config.exit.max_loops is not None:
+            return config.exit.max_loops
+        return self.model.config.recurrence.mean_loops
 
     def initial_state(self, positions: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Initial latent states [b, T, D] for tokens at ``positions`` [b, T]: zero, or rows of a per-position table

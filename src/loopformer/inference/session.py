@@ -41,7 +41,7 @@ class Session:
                 batch,
                 width + config.max_new_tokens + extra,
                 config.kv,
-                max_steps=self.loops,
+                max_loops=self.loops,
                 device=ids.device,
                 dtype=passes.state_dtype,
             )
@@ -55,7 +55,7 @@ class Session:
         self.prompt_lengths = real.sum(dim=1)
         self.alive = torch.ones(batch, dtype=torch.bool, device=ids.device)
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
-        self.steps: list[list[int]] = [[] for _ in range(batch)]
+        self.row_loops: list[list[int]] = [[] for _ in range(batch)]
         self.finish: list[str] = ["length"] * batch
         tokenizer = passes.tokenizer
         self.streams: list[TextStream] | None = None
@@ -82,10 +82,10 @@ class Session:
             real=real,
             memory=self.memory_of(rows),
         )
-        self.cache.commit(self.slots, torch.full_like(rows, width), result.steps)
+        self.cache.commit(self.slots, torch.full_like(rows, width), result.loops)
         self.logits = result.logits[:, -1].float()
         self.last_state = result.state[:, -1]
-        self.pending_steps = result.steps[:, -1].clone()  # iterations behind each row's pending logits
+        self.pending_steps = result.loops[:, -1].clone()  # iterations behind each row's pending logits
         self.acceptance_rate: float | None = None
 
     def memory_of(self, rows: torch.Tensor) -> Memory | None:
@@ -107,7 +107,7 @@ class Session:
             self._end(row, "stop")
             return self._flush(row, [])
         self.tokens[row].append(token)
-        self.steps[row].append(steps)
+        self.row_loops[row].append(steps)
         self.history[row, self.width + len(self.tokens[row]) - 1] = token
         events = [TokenEvent(row, token, steps, self.streams[row].push(token) if self.streams else "")]
         position = int(self.prompt_lengths[row]) + len(self.tokens[row])
@@ -144,18 +144,18 @@ class Session:
             start=start,
             memory=self.memory_of(rows),
         )
-        self.cache.commit(slots, torch.ones_like(rows), result.steps)
+        self.cache.commit(slots, torch.ones_like(rows), result.loops)
         self.store(rows, result)
 
     def store(self, rows: torch.Tensor, result: PassResult) -> None:
         """Keep what a single-token pass computed for ``rows``: next-token logits, final states, iterations."""
         self.logits[rows] = result.logits[:, 0].float()
         self.last_state[rows] = result.state[:, 0]
-        self.pending_steps[rows] = result.steps[:, 0]
+        self.pending_steps[rows] = result.loops[:, 0]
 
     def result(self, seconds: float, acceptance_rate: float | None = None) -> GenerationResult:
         outputs = []
         for b in range(len(self.tokens)):
             text = self.streams[b].text if self.streams is not None else None
-            outputs.append(Generation(self.tokens[b], self.steps[b], text, self.finish[b]))
+            outputs.append(Generation(self.tokens[b], self.row_loops[b], text, self.finish[b]))
         return GenerationResult(outputs, seconds, self.cache.nbytes(), acceptance_rate)

@@ -60,7 +60,7 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
             result = passes.run(
                 cache, rows, token[:, None], positions, config=config, loops=draft_loops, memory=session.memory_of(rows)
             )
-            cache.commit(rows, torch.ones_like(rows), result.steps)
+            cache.commit(rows, torch.ones_like(rows), result.loops)
             probs = next_token_probs(result.logits[:, 0].float(), sampling, torch.cat((history, *drafts), dim=1))
             token = (
                 probs.argmax(dim=-1)
@@ -86,7 +86,7 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
         accepted, following = speculative_accept(
             draft, torch.stack(draft_probs, dim=1), target_probs, session.generator
         )
-        cache.commit(rows, accepted + 1, result.steps)
+        cache.commit(rows, accepted + 1, result.loops)
         drafted += draft.numel()
         accepted_total += int(accepted.sum())
         session.acceptance_rate = accepted_total / drafted

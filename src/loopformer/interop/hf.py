@@ -12,9 +12,10 @@ the whole sequence so far with it, and the session feeds only the new token to o
 :class:`~loopformer.inference.engine.Session` (the preallocated :class:`KVCache`, per-token exits, warm start). A
 cache object transformers may allocate on its own stays empty and unused; the forward returns none.
 
-``generate`` takes ``num_steps`` (core iterations per token), ``exit`` (``"kl:5e-4"`` or an ``ExitRule``), ``kv``
-(``full``, ``last``, ``ring:K``), ``warm_start`` and ``state_seed``, as our engine does; greedy ``generate`` gives
-our engine's tokens. One session belongs to one ``generate`` call, which must feed one new token per row per step
+``generate`` takes ``loops`` (core iterations per token; Huginn's ``num_steps`` is a deprecated alias), ``exit``
+(``"kl:5e-4"`` or an ``ExitRule``), ``kv`` (``full``, ``last``, ``ring:K``), ``warm_start`` and ``state_seed``, as
+our engine does; greedy ``generate`` gives our engine's tokens. One session belongs to one ``generate`` call, which
+must feed one new token per row per step
 (greedy or sampled decoding; beam search, which reorders rows, is refused).
 """
 
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from loopformer.config import ModelConfig
+from loopformer.deprecation import keyword_alias
 from loopformer.errors import InputError
 from loopformer.inference.engine import Engine, GenerationConfig, Session
 from loopformer.inference.exits import ExitRule
@@ -37,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise InputError("the transformers wrapper needs transformers: pip install 'loopformer[hf]'.") from exc
 
 MODEL_TYPE = "loopformer"
-LOOP_OPTIONS = ("num_steps", "exit", "kv", "warm_start", "state_seed")
+LOOP_OPTIONS = ("loops", "exit", "kv", "warm_start", "state_seed")
 FIRST_CAPACITY = 256  # KV columns allocated beyond the prompt; the cache doubles when a generation outgrows it
 
 
@@ -71,7 +73,7 @@ def _generation_config(options: dict[str, Any]) -> GenerationConfig:
         raise InputError(f"exit must be a string such as 'kl:5e-4' or an ExitRule, got {exit_rule!r}.")
     return GenerationConfig(
         max_new_tokens=FIRST_CAPACITY,
-        loops=options.get("num_steps"),
+        loops=options.get("loops"),
         exit=exit_rule,
         kv=options.get("kv") or "full",
         warm_start=bool(options.get("warm_start")),
@@ -179,22 +181,24 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        num_steps: int | None = None,
+        loops: int | None = None,
         exit: str | ExitRule | None = None,
         kv: str | None = None,
         warm_start: bool | None = None,
         state_seed: int | None = None,
         loop_session: LoopSession | None = None,
         use_cache: bool | None = None,
+        num_steps: int | None = None,
         **kwargs: Any,  # what transformers adds for every model (return_dict, output_attentions, ...): unused
     ) -> CausalLMOutputWithPast:
-        """Logits (and the loss with ``labels``, shifted inside) of ``input_ids`` [B, T] at ``num_steps`` iterations.
+        """Logits (and the loss with ``labels``, shifted inside) of ``input_ids`` [B, T] at ``loops`` iterations.
 
         With a ``loop_session`` (inside :meth:`generate`) only the last position's logits are returned. Without one,
         the whole sequence runs at a fixed depth: in eval mode from our engine's initial states (so that it agrees
         with cached decoding), in training mode from random ones as in our trainer.
         """
-        options = {"num_steps": num_steps, "exit": exit, "kv": kv, "warm_start": warm_start, "state_seed": state_seed}
+        loops = keyword_alias(loops, num_steps, "num_steps", "loops")
+        options = {"loops": loops, "exit": exit, "kv": kv, "warm_start": warm_start, "state_seed": state_seed}
         if loop_session is not None and use_cache is not False:
             logits = loop_session.advance(self.loop_engine(), input_ids, attention_mask, options)
             return CausalLMOutputWithPast(logits=logits)
@@ -208,7 +212,7 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
             real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             positions = (real.cumsum(dim=1) - 1).clamp_min(0)
             initial_state = self.loop_engine().initial_state(positions, state_seed or 0)
-        out = self.model(input_ids, num_steps, labels, attention_mask=mask, initial_state=initial_state)
+        out = self.model(input_ids, loops, labels, attention_mask=mask, initial_state=initial_state)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
 
     def prepare_inputs_for_generation(
@@ -230,6 +234,8 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` with a fresh :class:`LoopSession` (our KV cache) for this call."""
         kwargs.setdefault("loop_session", LoopSession())
+        if "num_steps" in kwargs:  # Huginn's name for the loop count
+            kwargs["loops"] = keyword_alias(kwargs.get("loops"), kwargs.pop("num_steps"), "num_steps", "loops")
         return super().generate(*args, **kwargs)
 
 

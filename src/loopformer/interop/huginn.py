@@ -179,9 +179,9 @@ def config_from_huginn(data: Any) -> ModelConfig:
             state_init="like-init",
             state_init_std=math.sqrt(2 / 5),
             recurrence=RecurrenceConfig(
-                mean_steps=values["mean_recurrence"],
+                mean_loops=values["mean_recurrence"],
                 sampler="lognormal-poisson",
-                backprop_depth=values["mean_backprop_depth"],
+                backprop_loops=values["mean_backprop_depth"],
             ),
         )
     except ConfigError as exc:
@@ -194,7 +194,7 @@ def config_to_huginn(config: ModelConfig, torch_dtype: str = "float32") -> dict[
     Only the mean depth and the backprop depth of the training recurrence are carried (Huginn has one sampler).
     """
     dim, layers = config.dim, (config.n_prelude, config.n_core, config.n_coda)
-    depth = config.n_prelude + config.n_coda + config.n_core * config.recurrence.mean_steps
+    depth = config.n_prelude + config.n_coda + config.n_core * config.recurrence.mean_loops
     std = math.sqrt(2 / (5 * dim))
     data = {
         "model_type": MODEL_TYPE,
@@ -214,8 +214,8 @@ def config_to_huginn(config: ModelConfig, torch_dtype: str = "float32") -> dict[
         "norm_eps": config.norm_eps,
         "rope_base": config.rope_base,
         "qk_bias": config.qk_bias,
-        "mean_recurrence": config.recurrence.mean_steps,
-        "mean_backprop_depth": config.recurrence.backprop_depth,
+        "mean_recurrence": config.recurrence.mean_loops,
+        "mean_backprop_depth": config.recurrence.backprop_loops,
         "sampling_scheme": _SAMPLING_SCHEME,
         **_FIXED,
         "architecture_class_name": "RecurrentGPT",

@@ -59,7 +59,7 @@ def _model_card(engine: Engine, settings: ServerSettings, created: int) -> dict[
         "created": created,
         "owned_by": "loopformer",
         "max_model_len": config.max_seq_len,
-        "loops": {"default": config.recurrence.mean_steps, "max": settings.max_loops, "effort": dict(settings.effort)},
+        "loops": {"default": config.recurrence.mean_loops, "max": settings.max_loops, "effort": dict(settings.effort)},
         "memory_dim": config.memory_dim,
     }
 
@@ -68,7 +68,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The server for ``engine`` (which needs its tokenizer); the scheduler thread runs while the app does."""
     if engine.tokenizer is None:
         raise InputError("the server needs the checkpoint's tokenizer.")
-    mean = engine.model.config.recurrence.mean_steps
+    mean = engine.model.config.recurrence.mean_loops
     if mean > settings.max_loops:
         raise InputError(f"--max-loops {settings.max_loops} is below the model's default of {mean} loops.")
     metrics = Metrics()

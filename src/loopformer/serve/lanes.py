@@ -62,7 +62,7 @@ class Lane:
             FIRST_ROWS,
             capacity,
             config.kv,
-            max_steps=max_loops,
+            max_loops=max_loops,
             device=engine.device,
             dtype=engine.passes.state_dtype,
         )
@@ -113,8 +113,8 @@ class Lane:
             memory=memory,
             budget=budget,
         )
-        self.cache.commit(slots, torch.ones_like(slots), result.steps)
+        self.cache.commit(slots, torch.ones_like(slots), result.loops)
         first = torch.zeros(1, dtype=torch.long, device=slots.device)
         for row, session in enumerate(sessions):
             part = slice(row, row + 1)
-            session.store(first, PassResult(result.logits[part], result.state[part], result.steps[part]))
+            session.store(first, PassResult(result.logits[part], result.state[part], result.loops[part]))

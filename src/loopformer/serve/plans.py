@@ -87,7 +87,7 @@ def depth(request: GenerationRequest, engine: Engine, settings: ServerSettings) 
         with field_errors("exit"):
             rule = parse_exit_rule(request.exit)
             check_halting(rule, engine.model.halting)
-    resolved = loops if loops is not None else engine.model.config.recurrence.mean_steps
+    resolved = loops if loops is not None else engine.model.config.recurrence.mean_loops
     if resolved > settings.max_loops:
         raise APIError(
             400, f"loops must be at most {settings.max_loops} on this server, got {resolved}.", param="loops"

@@ -40,7 +40,7 @@ class TextDelta:
 
     text: str
     token: bool
-    steps: int
+    loops: int
 
 
 @dataclass(frozen=True)
@@ -207,14 +207,14 @@ class Scheduler:
                         job.first_token = time.perf_counter()
                         self.metrics.observe("loopformer_time_to_first_token_seconds", job.first_token - job.submitted)
                     self.metrics.count("loopformer_generated_tokens_total")
-                    self.metrics.count("loopformer_loops_total", event.steps)
-                job.sink(TextDelta(event.text, event.token is not None, event.steps))
+                    self.metrics.count("loopformer_loops_total", event.loops)
+                job.sink(TextDelta(event.text, event.token is not None, event.loops))
             if not bool(session.alive[0]):
                 self._leave(job)
                 reason = session.finish[0]
                 self.metrics.count("loopformer_requests_finished_total", labels={"reason": reason})
                 self.metrics.observe("loopformer_request_seconds", time.perf_counter() - job.submitted)
-                job.sink(Finished(reason, len(session.tokens[0]), sum(session.steps[0])))
+                job.sink(Finished(reason, len(session.tokens[0]), sum(session.row_loops[0])))
 
     def _decode(self) -> None:
         by_lane: dict[Hashable, list[Job]] = {}

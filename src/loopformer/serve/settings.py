@@ -21,9 +21,9 @@ def parse_effort(text: str) -> dict[str, int]:
     return levels
 
 
-def default_effort(mean_steps: int) -> dict[str, int]:
+def default_effort(mean_loops: int) -> dict[str, int]:
     """Effort levels relative to the model's training depth: half, the mean, twice the mean."""
-    return {"low": max(1, mean_steps // 2), "medium": mean_steps, "high": 2 * mean_steps}
+    return {"low": max(1, mean_loops // 2), "medium": mean_loops, "high": 2 * mean_loops}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
+from loopformer.evaluation.perplexity import DepthResult, evaluate_loops
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.exits import ExitRule
 from loopformer.table import format_table
@@ -41,7 +41,7 @@ def evaluate_task(
     encoder = TaskEncoder(tokenizer)
     encoder.check(examples, source)
     with torch.inference_mode():
-        return evaluate_depths(model, encoder.batches(examples, batch_size), loops, seed=seed)
+        return evaluate_loops(model, encoder.batches(examples, batch_size), loops, seed=seed)
 
 
 def accuracy_row(results: Sequence[DepthResult]) -> list[float]:
@@ -52,7 +52,7 @@ def accuracy_row(results: Sequence[DepthResult]) -> list[float]:
 def format_accuracy_table(results: Sequence[DepthResult]) -> str:
     """loops | exact match % | loss | state change | state rms."""
     rows = [
-        [r.steps, f"{100 * r.exact_match:.1f}", round(r.loss, 4), f"{r.state_change:.2e}", f"{r.state_rms:.3f}"]
+        [r.loops, f"{100 * r.exact_match:.1f}", round(r.loss, 4), f"{r.state_change:.2e}", f"{r.state_rms:.3f}"]
         for r in results
     ]
     return format_table(["loops", "exact match %", "loss", "state change", "state rms"], rows)
@@ -125,9 +125,9 @@ def _score_with_exits(engine: Engine, batches: list[Batch], loops: int, rule: Ex
         rows += int(scored.any(dim=1).sum())
         tokens += int(scored.sum())
         nll -= float(scores.log_probs[scored].double().sum())
-        fed_loops += float(scores.steps.sum())
-        fed += scores.steps.numel()
-        answer_loops += float(scores.steps[scored].sum())
+        fed_loops += float(scores.loops.sum())
+        fed += scores.loops.numel()
+        answer_loops += float(scores.loops[scored].sum())
     return ExitResult(
         loops=loops,
         exit=rule.label,

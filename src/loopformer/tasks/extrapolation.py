@@ -67,7 +67,7 @@ class Recipe:
         return parse_difficulty_range(self.train.task_difficulty)[1]
 
 
-def _windowed_model(window: int, mean_steps: int, backprop_depth: int, n_core: int = 1) -> ModelConfig:
+def _windowed_model(window: int, mean_loops: int, backprop_loops: int, n_core: int = 1) -> ModelConfig:
     """A small sandwich-norm model whose attention sees ``window`` positions, so information has to travel
     through the loop: each core pass moves it at most ``window - 1`` positions per core layer."""
     return ModelConfig(
@@ -78,7 +78,7 @@ def _windowed_model(window: int, mean_steps: int, backprop_depth: int, n_core: i
         n_coda=1,
         sliding_window=window,
         max_seq_len=4096,
-        recurrence=RecurrenceConfig(mean_steps=mean_steps, backprop_depth=backprop_depth),
+        recurrence=RecurrenceConfig(mean_loops=mean_loops, backprop_loops=backprop_loops),
     )
 
 
@@ -105,24 +105,24 @@ def _task_training(task: str, difficulty: str, **changes: Any) -> TrainConfig:
 RECIPES: dict[str, Recipe] = {
     "prefix-parity": Recipe(
         task="prefix-parity",
-        model=_windowed_model(window=2, mean_steps=6, backprop_depth=3, n_core=2),
+        model=_windowed_model(window=2, mean_loops=6, backprop_loops=3, n_core=2),
         train=_task_training("prefix-parity", "8"),
     ),
     "addition": Recipe(
         task="addition",
-        model=_windowed_model(window=2, mean_steps=8, backprop_depth=3, n_core=2),
+        model=_windowed_model(window=2, mean_loops=8, backprop_loops=3, n_core=2),
         train=_task_training("addition", "1-10"),
         multiples=(1, 2, 4),
     ),
     "addition-carry": Recipe(
         task="addition-carry",
-        model=_windowed_model(window=2, mean_steps=8, backprop_depth=3, n_core=2),
+        model=_windowed_model(window=2, mean_loops=8, backprop_loops=3, n_core=2),
         train=_task_training("addition-carry", "1-10"),
         multiples=(1, 2, 4),
     ),
     "vector-parity": Recipe(
         task="vector-parity",
-        model=_windowed_model(window=2, mean_steps=12, backprop_depth=3, n_core=2),
+        model=_windowed_model(window=2, mean_loops=12, backprop_loops=3, n_core=2),
         train=_task_training("vector-parity", "1-8"),
         multiples=(1, 2, 4),
         stability_multiple=2,
@@ -132,7 +132,7 @@ RECIPES: dict[str, Recipe] = {
     # 1 -> 8 over the first half of the run with a window of 3 (one entry per core layer) learns the scan.
     "vector-parity-sparse": Recipe(
         task="vector-parity-sparse",
-        model=_windowed_model(window=3, mean_steps=12, backprop_depth=3, n_core=2),
+        model=_windowed_model(window=3, mean_loops=12, backprop_loops=3, n_core=2),
         train=_task_training("vector-parity-sparse", "1-8"),
         multiples=(1, 2, 4),
         stability_multiple=2,
@@ -140,7 +140,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "pointer-chasing": Recipe(
         task="pointer-chasing",
-        model=_windowed_model(window=4096, mean_steps=8, backprop_depth=4).replace(sliding_window=None),
+        model=_windowed_model(window=4096, mean_loops=8, backprop_loops=4).replace(sliding_window=None),
         train=_task_training("pointer-chasing", "1-4"),
         multiples=(1, 2, 4),
     ),
@@ -230,7 +230,7 @@ def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 6) 
     for step, depth in enumerate(depths):
         start = time.perf_counter()
         batch = encoder.batch(task.generate_mixed(low, high, train.batch_size, seed=step))
-        out = model(batch.input_ids, num_steps=depth, labels=batch.labels, backprop_depth=rec.backprop_depth)
+        out = model(batch.input_ids, loops=depth, labels=batch.labels, backprop_loops=rec.backprop_loops)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or math.inf)
         optimizer.step()
@@ -239,9 +239,9 @@ def seconds_per_step(recipe: Recipe, model_config: ModelConfig, probe: int = 6) 
             ema.update(model, updates=step + 1)
         width = max(width, batch.input_ids.shape[1])
         if step > 0:  # the first step pays one-off allocation costs
-            flops = training_flops_per_token(model_config, depth, rec.backprop_depth, width)
+            flops = training_flops_per_token(model_config, depth, rec.backprop_loops, width)
             rates.append((time.perf_counter() - start) / flops)
-    expected = sum(training_flops_per_token(model_config, r, rec.backprop_depth, width) for r in draws) / len(draws)
+    expected = sum(training_flops_per_token(model_config, r, rec.backprop_loops, width) for r in draws) / len(draws)
     return statistics.median(rates) * expected
 
 
@@ -256,7 +256,7 @@ def budgeted_training(recipe: Recipe, model_config: ModelConfig, seconds: float,
         warmup_steps=min(recipe.train.warmup_steps, steps // 10),
         task_curriculum_steps=round(recipe.curriculum_fraction * steps),
         time_limit_minutes=seconds / 60,
-        eval_depths=(model_config.recurrence.mean_steps,),
+        eval_loops=(model_config.recurrence.mean_loops,),
         seed=seed,
     )
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from loopformer.config import _check, _check_choice, _check_types, check_known_fields
+from loopformer.config import _check, _check_choice, _check_types, known_fields
 from loopformer.hardware import DTYPES
 
 SCHEDULES = ("constant", "cosine", "wsd")
@@ -51,7 +51,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     doc_mask: bool = False
     eval_every: int = 200
-    eval_depths: tuple[int, ...] = (1, 4, 8, 16, 32)
+    eval_loops: tuple[int, ...] = (1, 4, 8, 16, 32)
     eval_batches: int = 4
     save_every: int = 200
     keep_last: int = 3
@@ -79,18 +79,18 @@ class TrainConfig:
             "expected comma-separated parameter-name prefixes such as halting",
         )
         _check(not self.init_from_ema or self.init_from, owner, "init_from_ema", True, "needs init_from")
-        if isinstance(self.eval_depths, (list, str)):
-            depths = self.eval_depths.split(",") if isinstance(self.eval_depths, str) else self.eval_depths
+        if isinstance(self.eval_loops, (list, str)):
+            depths = self.eval_loops.split(",") if isinstance(self.eval_loops, str) else self.eval_loops
             try:
-                object.__setattr__(self, "eval_depths", tuple(int(d) for d in depths))
+                object.__setattr__(self, "eval_loops", tuple(int(d) for d in depths))
             except (TypeError, ValueError):
-                _check(False, owner, "eval_depths", self.eval_depths, "expected integers such as 1,4,8")
+                _check(False, owner, "eval_loops", self.eval_loops, "expected integers such as 1,4,8")
         _check_types(self)
         _check(
-            isinstance(self.eval_depths, tuple) and len(self.eval_depths) > 0 and min(self.eval_depths) >= 1,
+            isinstance(self.eval_loops, tuple) and len(self.eval_loops) > 0 and min(self.eval_loops) >= 1,
             owner,
-            "eval_depths",
-            self.eval_depths,
+            "eval_loops",
+            self.eval_loops,
             "expected a non-empty list of integers >= 1",
         )
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "keep_last", "log_every"):
@@ -132,14 +132,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["eval_depths"] = list(self.eval_depths)
+        data["eval_loops"] = list(self.eval_loops)
         data["trainable"] = list(self.trainable)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        check_known_fields(cls, data)
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -1,8 +1,8 @@
 """The training loop: sampled depth per step, truncated backprop, accumulation, clipping, EMA, checkpoints.
 
 One optimizer step draws one depth (the same on every rank: every rank seeds the depth generator alike),
-runs ``grad_accum`` micro-batches of ``batch_size`` rows per rank through ``model(..., num_steps=depth,
-backprop_depth=k)`` and updates the weights. The random initial state of each micro-batch is seeded from
+runs ``grad_accum`` micro-batches of ``batch_size`` rows per rank through ``model(..., loops=depth,
+backprop_loops=k)`` and updates the weights. The random initial state of each micro-batch is seeded from
 (seed, step, global micro-batch index), so N ranks x 1 micro-batch equals 1 rank x N micro-batches.
 Everything a resumed run needs (weights, EMA, optimizer, depth generator, data position) is in the
 checkpoint, so ``resume`` continues bit-exactly.
@@ -41,7 +41,7 @@ from loopformer.checkpoint import (
 )
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError, TrainingError
-from loopformer.evaluation.perplexity import DepthResult, evaluate_depths
+from loopformer.evaluation.perplexity import DepthResult, evaluate_loops
 from loopformer.flops import training_flops_per_token
 from loopformer.hardware import DtypeChoice, resolve_dtype
 from loopformer.model import LoopLM, build_model
@@ -360,9 +360,9 @@ class Trainer:
                 with autocast:
                     out = self.wrapped(
                         batch.input_ids.to(device),
-                        num_steps=steps,
+                        loops=steps,
                         labels=batch.labels.to(device),
-                        backprop_depth=self.model_config.recurrence.backprop_depth,
+                        backprop_loops=self.model_config.recurrence.backprop_loops,
                         generator=generator,
                         checkpoint_steps=cfg.activation_checkpointing,
                         halting_scale=penalty_scale(self.step, self.model_config.halting_warmup_steps),
@@ -426,10 +426,10 @@ class Trainer:
         """Validation loss, perplexity, last-iteration state change and token correlation per depth."""
         ema = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
         with ema:
-            results = evaluate_depths(
+            results = evaluate_loops(
                 self.model,
                 self.val_batches,
-                self.config.eval_depths,
+                self.config.eval_loops,
                 seed=self.config.seed,
                 forward_kwargs=self.forward_kwargs,
                 autocast_dtype=self.dtype_choice.autocast_dtype,
@@ -438,7 +438,7 @@ class Trainer:
             self.logger.log(
                 "eval",
                 self.step,
-                depth=r.steps,
+                loops=r.loops,
                 loss=r.loss,
                 perplexity=r.perplexity,
                 state_change=r.state_change,
@@ -447,10 +447,10 @@ class Trainer:
                 weights="ema" if self.ema is not None else "model",
             )
         if self.config.is_task:
-            summary = ", ".join(f"r={r.steps}: {100 * r.exact_match:.1f}%" for r in results)
+            summary = ", ".join(f"r={r.loops}: {100 * r.exact_match:.1f}%" for r in results)
             self._say(f"step {self.step}: validation exact match {summary}")
         else:
-            summary = ", ".join(f"r={r.steps}: {r.perplexity:.2f}" for r in results)
+            summary = ", ".join(f"r={r.loops}: {r.perplexity:.2f}" for r in results)
             self._say(f"step {self.step}: validation perplexity {summary}")
         return results
 
@@ -497,7 +497,7 @@ class Trainer:
                 result.losses[self.step] = loss
                 tokens, width = self.step_shape
                 flops = tokens * training_flops_per_token(
-                    self.model_config, steps_run, self.model_config.recurrence.backprop_depth, width
+                    self.model_config, steps_run, self.model_config.recurrence.backprop_loops, width
                 )
                 if skipped:
                     bad_in_a_row += 1
@@ -518,7 +518,7 @@ class Trainer:
                 window["tokens"] += tokens
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._log_window(window, grad_norm, steps_run, peak)
-                self.progress.update(self.step, {"loss": loss, "depth": steps_run})
+                self.progress.update(self.step, {"loss": loss, "loops": steps_run})
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     result.evaluation = self.evaluate()
                     self.model.train()
@@ -556,7 +556,7 @@ class Trainer:
             loss=loss,
             lr=self._lr(self.step - 1),
             grad_norm=grad_norm,
-            depth=depth,
+            loops=depth,
             tokens=self.tokens_seen,
             tokens_per_s=window["tokens"] / elapsed,
             flops_per_s=achieved,
