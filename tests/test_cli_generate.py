@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import loopformer.cli.chat as chat_cli
 from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import build_parser, main
-from loopformer.cli.generation_args import generation_config, load_engine
+from loopformer.cli.generation_args import generation_config, load_engine, print_compile_notice
 from loopformer.errors import InputError
 from loopformer.inference.chat import Message, encode_chat, encode_prompt, reply_stop_tokens
 from loopformer.model import build_model
@@ -177,8 +178,22 @@ def test_generate_batch_equals_each_prompt_alone(capsys, ckpt: str) -> None:
 @needs_compiler
 def test_generate_compile_matches_plain_greedy(capsys, ckpt: str) -> None:
     plain = generate_json(capsys, ckpt, "--loops", "3")["outputs"][0]
-    compiled = generate_json(capsys, ckpt, "--loops", "3", "--compile")["outputs"][0]
+    argv = ["generate", "--ckpt", ckpt, "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW), "--loops", "3"]
+    rc, out, err = cli(capsys, *argv, "--compile", "--json")
+    assert rc == 0, err
+    compiled = json.loads(out)["outputs"][0]
     assert compiled["tokens"] == plain["tokens"] and compiled["loops"] == plain["loops"]
+    notices = [line for line in err.splitlines() if "compiling" in line]
+    # one line per new shape (batch 1, loops 3, full cache; the history widths it reached), each with its time
+    assert notices and all(
+        re.fullmatch(
+            r"loopformer: compiling the decoding graph \(loops 3, history \d+, "
+            r"batch 1, kv full\), once per shape \.\.\. done in \d+\.\d s",
+            line,
+        )
+        for line in notices
+    )
+    assert len(notices) == len(set(notices))
 
 
 # ----- generate: user errors -----------------------------------------------------------------------
@@ -296,6 +311,7 @@ def test_chat_user_line_streams_a_reply(capsys, ckpt: str) -> None:
 def test_chat_reply_is_the_greedy_completion_of_the_chat_prompt(capsys, ckpt: str, tokenizer) -> None:
     args = build_parser().parse_args(["chat", "--ckpt", ckpt, "--max-new-tokens", "4"])
     engine, _ = load_engine(args)
+    assert engine.passes.compile_notice is print_compile_notice  # chat (with --compile) says when it compiles too
     config = generation_config(args, stop_tokens=reply_stop_tokens(engine.tokenizer))
     expected = engine.generate([encode_chat(tokenizer, [Message("user", "hello")])], config).outputs[0].text
     _, out, _ = chat(capsys, ckpt, ["hello"])

@@ -50,10 +50,21 @@ def _compare(engine: Engine, config: GenerationConfig, monkeypatch: pytest.Monke
 @needs_compiler
 def test_compiled_decoding_equals_eager_on_padded_windowed_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """GQA with a sliding window shorter than the sequences (the mask matters), a ring policy, two rows of different
-    lengths: logits match to 1e-4 and greedy tokens are identical."""
+    lengths: logits match to 1e-4 and greedy tokens are identical. The compile notice hears of each new shape once,
+    before and after it compiled, and not again at a shape already compiled."""
     model = build_model(small_config(n_kv_heads=2, sliding_window=8), seed=0)
     config = GenerationConfig(max_new_tokens=24, loops=3, kv="ring:2", stop_tokens=())
-    _compare(Engine(model), config, monkeypatch)
+    notices: list[tuple[str, float | None]] = []
+    engine = Engine(model, compile_notice=lambda shape, seconds: notices.append((shape, seconds)))
+    _compare(engine, config, monkeypatch)
+    shapes = [shape for shape, _ in notices[::2]]
+    assert shapes and len(set(shapes)) == len(shapes) and all(s.startswith("loops 3, history ") for s in shapes)
+    assert all(s.endswith(", batch 2+, kv ring:2") for s in shapes)
+    assert [shape for shape, _ in notices[1::2]] == shapes
+    assert all(seconds is None for _, seconds in notices[::2]) and all(s > 0 for _, s in notices[1::2])
+    seen = len(notices)
+    engine.generate(PROMPTS, replace(config, compile=True))
+    assert len(notices) == seen
 
 
 @pytest.mark.slow

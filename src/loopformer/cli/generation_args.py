@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -136,4 +137,13 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, Path]:
     if state.tokenizer_json is None:
         raise InputError(f"{path} has no tokenizer.json; generation needs the checkpoint's tokenizer.")
     tokenizer = TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)
-    return Engine(model, tokenizer, dtype=args.dtype), path
+    return Engine(model, tokenizer, dtype=args.dtype, compile_notice=print_compile_notice), path
+
+
+def print_compile_notice(shape: str, seconds: float | None) -> None:
+    """One stderr line per new compiled graph: "compiling ... (shape)" and, when it is done, how long it took."""
+    if seconds is None:
+        print(f"loopformer: compiling the decoding graph ({shape}), once per shape ...", end="", file=sys.stderr)
+    else:
+        print(f" done in {seconds:.1f} s", file=sys.stderr)
+    sys.stderr.flush()

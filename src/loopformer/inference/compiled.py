@@ -25,9 +25,11 @@ included), for models without an ACT halting head. :func:`compile_blocker` names
 from __future__ import annotations
 
 import functools
+import time
 import types
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Protocol
 
 import torch
 
@@ -90,15 +92,25 @@ def _written(exchange: TracedExchange, role: str, count: int) -> tuple[torch.Ten
     return torch.stack([k[:, 0] for k, _ in pairs]), torch.stack([v[:, 0] for _, v in pairs])
 
 
-class CompiledDecoder:
-    """Compiled single-token passes for one model (see the module docstring); build once, reuse for every token."""
+class CompileNotice(Protocol):
+    """Told about each new graph: ``(shape, None)`` before it compiles, ``(shape, seconds)`` once the call that
+    compiled it returned (``shape`` describes it, e.g. ``"loops 32, history 64, batch 1"``)."""
 
-    def __init__(self, model: LoopLM) -> None:
+    def __call__(self, shape: str, seconds: float | None) -> None: ...
+
+
+class CompiledDecoder:
+    """Compiled single-token passes for one model (see the module docstring); build once, reuse for every token.
+
+    ``notice`` hears of every first call at a new graph shape (which compiles for tens of seconds on a CPU)."""
+
+    def __init__(self, model: LoopLM, notice: CompileNotice | None = None) -> None:
         blocker = compile_blocker(model)
         if blocker is not None:
             raise InputError(blocker)
-        self.model = model
+        self.model, self.notice = model, notice
         self._fn = torch.compile(_own_code(self._token), dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        self._shapes: set[tuple] = set()
 
     def _token(
         self,
@@ -155,8 +167,18 @@ class CompiledDecoder:
         for keys, values in history.values():
             torch._dynamo.maybe_mark_dynamic(keys, keys.dim() - 4)
             torch._dynamo.maybe_mark_dynamic(values, values.dim() - 4)
+        autocast = torch.is_autocast_enabled(ids.device.type) and torch.get_autocast_dtype(ids.device.type)
+        shape = (loops, width, len(rows) > 1, cache.policy, memory is None, autocast)
+        new_shape = shape not in self._shapes and self.notice is not None
+        if new_shape:
+            self._shapes.add(shape)
+            described = f"loops {loops}, history {width}, batch {'2+' if len(rows) > 1 else 1}, kv {cache.policy.label}"
+            self.notice(described, None)
+            started = time.perf_counter()
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=RECOMPILE_LIMIT):
             logits, state, written = self._fn(ids, rope, state, mask, history, slots, vectors)
+        if new_shape:
+            self.notice(described, time.perf_counter() - started)
         _store(cache, rows, column, written, written_slots, last_iterations)
         return logits, state
 

@@ -16,7 +16,7 @@ import torch
 
 from loopformer.errors import InputError
 from loopformer.hardware import DtypeChoice
-from loopformer.inference.compiled import compile_blocker
+from loopformer.inference.compiled import CompileNotice, compile_blocker
 from loopformer.inference.exits import check_halting
 from loopformer.inference.generation import GenerationConfig, GenerationResult, Scores, TokenEvent
 from loopformer.inference.passes import PassRunner
@@ -64,15 +64,23 @@ class GenerationStream:
 class Engine:
     """Batched generation, streaming and scoring for a :class:`LoopLM` (optionally with its tokenizer)."""
 
-    def __init__(self, model: LoopLM, tokenizer: TextTokenizer | None = None, dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model: LoopLM,
+        tokenizer: TextTokenizer | None = None,
+        dtype: str = "auto",
+        compile_notice: CompileNotice | None = None,
+    ) -> None:
         """``dtype``: ``auto`` (bf16 autocast where this machine runs it faster, see :mod:`loopformer.hardware`),
         ``fp32`` or ``bf16``; :attr:`dtype_choice` says what it resolved to and why. :attr:`passes` runs the
-        passes (:mod:`loopformer.inference.passes`)."""
+        passes (:mod:`loopformer.inference.passes`). ``compile_notice(shape, seconds)`` hears of every first
+        compiled call at a new shape, before (``seconds`` None) and after it compiled
+        (:class:`~loopformer.inference.compiled.CompileNotice`)."""
         if not isinstance(model, LoopLM):
             raise InputError("Engine needs a LoopLM.")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.passes = PassRunner(self.model, tokenizer, dtype)
+        self.passes = PassRunner(self.model, tokenizer, dtype, compile_notice)
 
     @property
     def device(self) -> torch.device:

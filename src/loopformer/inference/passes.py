@@ -23,7 +23,7 @@ import torch
 from loopformer.errors import InputError
 from loopformer.hardware import resolve_dtype
 from loopformer.inference.cache import KVCache
-from loopformer.inference.compiled import CompiledDecoder, reads_full_depth
+from loopformer.inference.compiled import CompiledDecoder, CompileNotice, reads_full_depth
 from loopformer.inference.exits import ExitRule, RowExitRule
 from loopformer.inference.generation import GenerationConfig
 from loopformer.model import LoopLM
@@ -47,10 +47,17 @@ class PassResult:
 class PassRunner:
     """Runs passes for one model (optionally with its tokenizer, whose unknown ids get no probability) in one
     compute dtype: ``auto`` (bf16 autocast where this machine runs it faster, see :mod:`loopformer.hardware`),
-    ``fp32`` or ``bf16``; :attr:`dtype_choice` says what it resolved to and why."""
+    ``fp32`` or ``bf16``; :attr:`dtype_choice` says what it resolved to and why. ``compile_notice`` hears of each
+    new compiled graph (:class:`~loopformer.inference.compiled.CompileNotice`)."""
 
-    def __init__(self, model: LoopLM, tokenizer: TextTokenizer | None = None, dtype: str = "auto") -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(
+        self,
+        model: LoopLM,
+        tokenizer: TextTokenizer | None = None,
+        dtype: str = "auto",
+        compile_notice: CompileNotice | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.compile_notice = model, tokenizer, compile_notice
         cfg = model.config
         self.dtype_choice = resolve_dtype(dtype, self.device, (DTYPE_PROBE_ROWS, cfg.dim, cfg.mlp_hidden))
         self._noise: dict[int, torch.Tensor] = {}
@@ -146,7 +153,7 @@ class PassRunner:
     def compiled(self) -> CompiledDecoder:
         """The engine's compiled decoder (built on first use; see :mod:`loopformer.inference.compiled`)."""
         if self._compiled is None:
-            self._compiled = CompiledDecoder(self.model)
+            self._compiled = CompiledDecoder(self.model, self.compile_notice)
         return self._compiled
 
 
