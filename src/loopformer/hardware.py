@@ -164,3 +164,27 @@ def _bf16_speedup(probe: tuple[int, int, int]) -> float:
         return min(times)
 
     return best(False) / max(best(True), 1e-12)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still allocate (Linux ``MemAvailable``; None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_memory(nbytes: int, what: str, device: torch.device) -> None:
+    """Refuse, with one sentence, to allocate ``nbytes`` for ``what`` on the CPU when that exceeds the memory
+    available (other devices report their own out-of-memory error)."""
+    if device.type != "cpu":
+        return
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise InputError(
+            f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of memory available "
+            "on this machine; use a smaller configuration."
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loopformer.checkpoint import TrainingState, check_state_dict, load_checkpoint, resolve_checkpoint
-from loopformer.model import LoopLM, build_model
+from loopformer.model import LoopLM, build_model, meta_model
 from loopformer.quant.checkpoint import build_quantized_model
 from loopformer.tokenizer import TextTokenizer
 
@@ -36,9 +36,9 @@ def load_trained_model(path: Path, use_ema: bool = False) -> tuple[LoopLM, Train
     state = load_checkpoint(directory, load_optimizer=False)
     if "quantization" in state.meta:  # written by `loopformer quantize`: integer weights, no EMA
         return build_quantized_model(state, str(directory)).eval(), state, directory
-    model = build_model(state.config)
     weights = state.ema if use_ema and state.ema is not None else state.model
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    expected = {name: tensor.shape for name, tensor in meta_model(state.config).state_dict().items()}
     check_state_dict(expected, {name: tensor.shape for name, tensor in weights.items()}, str(directory))
+    model = build_model(state.config)  # only once its config and its tensors agree
     model.load_state_dict(weights)
     return model.eval(), state, directory

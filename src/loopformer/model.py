@@ -14,16 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from loopformer.config import ModelConfig
 from loopformer.deprecation import keyword_alias, warn_renamed
 from loopformer.errors import InputError
+from loopformer.hardware import check_fits_memory
 from loopformer.nn.attention import AttentionContext
 from loopformer.nn.depth import LoopEmbedding, LoopIndex, loop_slot
 from loopformer.nn.halting import ACT, HaltingHead, HaltingStats
@@ -551,6 +553,11 @@ def build_model(
     On the ``meta`` device nothing is materialised (for counting parameters of large presets).
     """
     device = torch.device(device or "cpu")
+    if device.type != "meta":
+        skeleton = meta_model(config)
+        tensors = [*skeleton.parameters(), *skeleton.buffers()]
+        nbytes = sum(t.numel() * (t.element_size() if dtype is None else dtype.itemsize) for t in tensors)
+        check_fits_memory(nbytes, f"This model ({skeleton.num_parameters():,} parameters)", device)
     generator = None
     if seed is not None and device.type != "meta":
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -559,3 +566,30 @@ def build_model(
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips in-place operations (initialisers: ``normal_``, ``zero_``, ...) on meta tensors: they have no values,
+    and the meta kernels of some initialisers import several seconds of torch internals on first use."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = kwargs.get("out")
+        if isinstance(out, torch.Tensor) and out.is_meta:  # e.g. torch.eye(n, out=weight) in torch.nn.init.eye_
+            return out
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+        name = getattr(func, "__name__", "")
+        if isinstance(target, torch.Tensor) and target.is_meta and name.endswith("_") and not name.startswith("_"):
+            return target
+        return func(*args, **kwargs)
+
+
+def meta_model(config: ModelConfig) -> LoopLM:
+    """``config``'s model on the ``meta`` device: every shape, no memory (refuses shapes too large to address)."""
+    try:
+        with torch.device("meta"), _SkipInit():
+            return LoopLM(config)
+    except RuntimeError as exc:
+        raise InputError(
+            f"The model config asks for tensors too large to allocate ({str(exc).splitlines()[0]})."
+        ) from None

@@ -181,7 +181,7 @@ def error_of(response: httpx.Response) -> dict:
             400,
             "unknown field response_format",
         ),
-        ({"model": MODEL, "prompt": "x", "min_loops": 2}, 400, "unknown field min_loops"),
+        ({"model": MODEL, "prompt": "x", "min_steps": 2}, 400, "unknown field min_steps"),
         ({"model": MODEL, "prompt": "x", "kv": "ring:99999999999999999999"}, 400, "above 1,000,000"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
         ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),

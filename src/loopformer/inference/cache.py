@@ -30,6 +30,7 @@ import torch
 
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
+from loopformer.hardware import check_fits_memory
 
 POLICY_FORMS = "'full', 'last' or 'ring:K' with K >= 1"
 _UNBOUNDED = torch.iinfo(torch.long).max // 2  # the depth of a column written in the current pass
@@ -153,6 +154,8 @@ class KVCache:
         self.config, self.batch_size, self.capacity, self.max_loops = config, batch_size, capacity, steps
         self.n_slots = self.policy.slots(steps)
         device = torch.device(device or "cpu")
+        nbytes = cache_bytes(config, self.policy, capacity, steps, batch_size, dtype.itemsize)
+        check_fits_memory(nbytes, f"A KV cache of {batch_size} x {capacity} tokens at {steps} loops", device)
 
         def alloc(*lead: int) -> tuple[torch.Tensor, torch.Tensor]:
             return tuple(
