@@ -53,6 +53,27 @@ def test_greedy_speculative_equals_plain_greedy(
     assert plain.acceptance_rate is None
 
 
+def test_a_lookahead_beyond_the_new_tokens_costs_no_more_than_they_need(engine: Engine, monkeypatch) -> None:
+    """--speculative 1:100000 ran for minutes and allocated 100,000 cache columns per row: drafts past the tokens a
+    row still needs are never made, and the cache is sized as for a lookahead of max_new_tokens."""
+    passes = {"count": 0, "widest": 0}
+    run = engine.passes.run
+
+    def counted(cache, rows, ids, *args, **kwargs):
+        passes["count"] += 1
+        passes["widest"] = max(passes["widest"], ids.shape[1])
+        return run(cache, rows, ids, *args, **kwargs)
+
+    plain = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=7, loops=4))
+    monkeypatch.setattr(engine.passes, "run", counted)
+    huge = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=7, loops=4, speculative=(1, 100_000)))
+    assert [o.tokens for o in huge.outputs] == [o.tokens for o in plain.outputs]
+    bounded = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=7, loops=4, speculative=(1, 7)))
+    assert huge.cache_bytes == bounded.cache_bytes
+    # a verify pass: the pending token + at most the 6 drafts a row can still use (unbounded: 100,001 columns)
+    assert passes["widest"] <= 7 and passes["count"] < 60
+
+
 @pytest.mark.parametrize(("kv", "loops"), EXACT)
 def test_draft_at_the_full_depth_is_always_accepted(engine: Engine, kv: str, loops: int) -> None:
     config = GenerationConfig(max_new_tokens=13, loops=loops, kv=kv, speculative=(loops, 3))

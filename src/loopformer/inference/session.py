@@ -35,7 +35,7 @@ class Session:
         self.loops = passes.resolve_loops(config)
         batch, width = ids.shape
         if cache is None:
-            extra = config.speculative[1] + 1 if config.speculative else 0
+            extra = min(config.speculative[1], config.max_new_tokens) + 1 if config.speculative else 0
             cache = KVCache(
                 passes.model.config,
                 batch,

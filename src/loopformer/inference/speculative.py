@@ -55,7 +55,9 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
         history = session.history[rows]
         token = pending[rows]
         drafts, draft_probs = [], []
-        for j in range(lookahead):
+        # a round emits its accepted drafts and one more token: drafts past what the rows still need are wasted work
+        ahead = max(1, min(lookahead, max(config.max_new_tokens - len(session.tokens[r]) for r in rows.tolist()) - 1))
+        for j in range(ahead):
             positions = (first_position + j)[:, None]
             result = passes.run(
                 cache, rows, token[:, None], positions, config=config, loops=draft_loops, memory=session.memory_of(rows)
@@ -72,14 +74,14 @@ def speculative_events(session: Session) -> Iterator[TokenEvent]:
         cache.truncate(rows, start)
         draft = torch.cat(drafts, dim=1)
         inputs = torch.cat((pending[rows][:, None], draft), dim=1)
-        positions = first_position[:, None] + torch.arange(lookahead + 1, device=cache.device)
+        positions = first_position[:, None] + torch.arange(ahead + 1, device=cache.device)
         result = passes.run(
             cache, rows, inputs, positions, config=config, loops=session.loops, memory=session.memory_of(rows)
         )
         target_probs = torch.stack(
             [
                 next_token_probs(result.logits[:, j].float(), sampling, torch.cat((history, draft[:, :j]), dim=1))
-                for j in range(lookahead + 1)
+                for j in range(ahead + 1)
             ],
             dim=1,
         )
