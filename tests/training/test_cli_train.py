@@ -89,6 +89,13 @@ def test_train_resume_and_eval_ppl(corpus: Path, tmp_path: Path, capsys: pytest.
     assert main(["eval-ppl", "--ckpt", out, "--loops", "1,2", "--batches", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["loops"] for r in report["results"]] == [1, 2] and report["step"] == 4
+    # by default the run's own batch size and eval_batches: the end-of-training table's perplexities, exactly
+    assert main(["eval-ppl", "--ckpt", out, "--loops", "1,2", "--json"]) == 0
+    defaults = json.loads(capsys.readouterr().out)["results"]
+    final = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == 4]
+    assert [r["perplexity"] for r in defaults] == pytest.approx([r["perplexity"] for r in final], rel=1e-6)
+    assert main(["eval-ppl", "--ckpt", out, "--loops", "1", "--batches", "1000", "--json"]) == 0
+    assert "batches of 2 asked for" in capsys.readouterr().err  # fewer validation rows than asked: said so
     assert main(["eval-ppl", "--ckpt", str(tmp_path), "--loops", "1"]) == 2
     capsys.readouterr()
     assert main(["eval-ppl", "--ckpt", out, "--loops", "1", "--seq-len", "0"]) == 2  # 0 is not "the run's length"

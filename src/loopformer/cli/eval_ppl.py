@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +31,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"Checkpoint {path} has no tokenizer.json, so its data cannot be tokenised.")
     tokenizer = TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)
     data = prepare_data(config, tokenizer, log=lambda line: None)
-    batches = fixed_eval_batches(data.val, args.batch_size, args.batches)
+    batch_size = config.batch_size if args.batch_size is None else args.batch_size
+    asked = config.eval_batches if args.batches is None else args.batches
+    batches = fixed_eval_batches(data.val, batch_size, asked)
+    if len(batches) < asked:
+        rows = sum(len(b.input_ids) for b in batches)
+        print(
+            f"loopformer: note: the validation split holds {rows} rows, {len(batches)} of the {asked} batches "
+            f"of {batch_size} asked for.",
+            file=sys.stderr,
+        )
     mask = (
         (lambda b: {"attention_mask": document_mask(b.doc_ids, state.config.sliding_window)})
         if config.doc_mask
@@ -55,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_renamed_flag(parser, loops, "--depths")
     parser.add_argument("--data", help="evaluate on this source instead of the run's validation split")
     parser.add_argument("--seq-len", type=int, help="row length (default: the run's)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=8, help="validation batches (default: 8)")
+    parser.add_argument("--batch-size", type=int, help="rows per batch (default: the run's batch_size)")
+    parser.add_argument(
+        "--batches", type=int, help="validation batches (default: the run's eval_batches, as its end-of-training table)"
+    )
     add_report_arguments(parser, "seed of the random initial state")
     parser.set_defaults(run=run)
