@@ -86,19 +86,25 @@ def test_train_resume_and_eval_ppl(corpus: Path, tmp_path: Path, capsys: pytest.
     assert main(["train", "--out", out, "--resume", "--no-progress"]) == 0  # settings come from the run itself
     assert load_checkpoint(resolve_checkpoint(Path(out))).step == 4
     capsys.readouterr()
-    assert main(["eval-ppl", "--ckpt", out, "--loops", "1,2", "--batches", "1", "--json"]) == 0
+    # the run names a corpus outside its folder: read only once the user names it too
+    assert main(["eval-ppl", "--ckpt", out, "--loops", "1"]) == 2
+    assert f"pass --data {corpus}" in capsys.readouterr().err
+    data = ["--data", str(corpus)]
+    assert main(["eval-ppl", "--ckpt", out, *data, "--loops", "1,2", "--batches", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["loops"] for r in report["results"]] == [1, 2] and report["step"] == 4
     # by default the run's own batch size and eval_batches: the end-of-training table's perplexities, exactly
-    assert main(["eval-ppl", "--ckpt", out, "--loops", "1,2", "--json"]) == 0
+    assert main(["eval-ppl", "--ckpt", out, *data, "--loops", "1,2", "--json"]) == 0
     defaults = json.loads(capsys.readouterr().out)["results"]
     final = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == 4]
     assert [r["perplexity"] for r in defaults] == pytest.approx([r["perplexity"] for r in final], rel=1e-6)
-    assert main(["eval-ppl", "--ckpt", out, "--loops", "1", "--batches", "1000", "--json"]) == 0
+    assert main(["eval-ppl", "--ckpt", out, *data, "--loops", "1", "--batches", "1000", "--json"]) == 0
     assert "batches of 2 asked for" in capsys.readouterr().err  # fewer validation rows than asked: said so
     assert main(["eval-ppl", "--ckpt", str(tmp_path), "--loops", "1"]) == 2
     capsys.readouterr()
-    assert main(["eval-ppl", "--ckpt", out, "--loops", "1", "--seq-len", "0"]) == 2  # 0 is not "the run's length"
+    assert (
+        main(["eval-ppl", "--ckpt", out, *data, "--loops", "1", "--seq-len", "0"]) == 2
+    )  # 0 is not "the run's length"
     assert "seq_len=0 is invalid" in capsys.readouterr().err
 
 
@@ -130,3 +136,14 @@ def test_documented_run_file_loads() -> None:
 def test_eval_ppl_names_its_own_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["eval-ppl", "--ckpt", str(tmp_path), "--loops", "0"]) == 2
     assert "--loops '0' is invalid" in capsys.readouterr().err
+
+
+def test_run_paths_are_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative --data would only resolve from the folder the run was started in."""
+    from loopformer.training.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig.from_dict({"data": "corpus.txt", "val_data": "~/val.txt", "init_from": "runs/base"})
+    assert config.data == str(tmp_path / "corpus.txt") and config.init_from == str(tmp_path / "runs" / "base")
+    assert config.val_data == str(Path("~/val.txt").expanduser())
+    assert TrainConfig.from_dict({"data": "stdlib"}).data == "stdlib"  # a built-in corpus is not a path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from loopformer.errors import InputError
 from loopformer.evaluation.perplexity import evaluate_loops, format_loops_table
 from loopformer.loading import load_trained_model
 from loopformer.tokenizer import TextTokenizer
-from loopformer.training.config import TrainConfig
+from loopformer.training.config import BUILTIN_CORPORA, TrainConfig
 from loopformer.training.data import document_mask, fixed_eval_batches
 from loopformer.training.pipeline import prepare_data
 
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     loops = parse_counts(args.loops, "--loops")
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     saved = dict(state.meta.get("train_config", {}))
+    if args.data is None:
+        _check_stored_sources(saved, Path(args.ckpt))
     changes = {"data": args.data, "val_data": None} if args.data is not None else {}
     if args.seq_len is not None:
         changes["seq_len"] = args.seq_len
@@ -54,6 +57,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"{path} (step {state.step}), {sum(r.tokens for r in results[:1]):,} validation tokens")
         print(format_loops_table(results))
     return 0
+
+
+def _check_stored_sources(saved: dict, run: Path) -> None:
+    """Refuse to read a corpus the checkpoint names outside the run folder the user gave (``--data`` names it)."""
+    for name in ("data", "val_data"):
+        stored = saved.get(name)
+        if stored is None or stored in BUILTIN_CORPORA:
+            continue
+        if not Path(stored).resolve().is_relative_to(run.resolve()):
+            raise InputError(
+                f"The run's {name} is {stored!r}, outside {str(run)!r}; a checkpoint's contents never make loopformer "
+                f"read a file you did not name, so pass --data {shlex.quote(stored)} to evaluate on it."
+            )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

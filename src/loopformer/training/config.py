@@ -7,6 +7,7 @@ name (``--batch-size``); see ``loopformer train --help``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ from loopformer.config import _check, _check_choice, _check_types, known_fields
 from loopformer.hardware import DTYPES
 
 SCHEDULES = ("constant", "cosine", "wsd")
+BUILTIN_CORPORA = ("stdlib", "stdlib+topics")
+PATH_FIELDS = ("data", "val_data", "task_data", "eval_data", "init_from")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -128,6 +131,8 @@ class TrainConfig:
             _check(self.eval_difficulty >= 1, owner, "eval_difficulty", self.eval_difficulty, "must be >= 1")
         _check_choice(owner, "schedule", self.schedule, SCHEDULES)
         _check_choice(owner, "dtype", self.dtype, DTYPES)
+        for name in PATH_FIELDS:  # stored absolute, so a run can be resumed or evaluated from any folder
+            object.__setattr__(self, name, absolute_source(getattr(self, name)))
         _check_choice(owner, "strategy", self.strategy, STRATEGIES)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,3 +164,10 @@ class TrainConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def absolute_source(source: str | None) -> str | None:
+    """``source`` as an absolute path (``~`` expanded); None and the built-in corpora stay as they are."""
+    if source is None or source in BUILTIN_CORPORA:
+        return source
+    return os.path.abspath(os.path.expanduser(source))
