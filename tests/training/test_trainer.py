@@ -164,3 +164,20 @@ def test_compiled_layers_train_like_eager(corpus: Path, tmp_path: Path) -> None:
     compiled = run(corpus, tmp_path / "compiled", train={"steps": 3, "eval_every": 0, "compile": True}).result
     for step, loss in eager.losses.items():
         assert compiled.losses[step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_without_a_terminal_training_prints_a_line_every_log_every_steps(corpus: Path, tmp_path: Path) -> None:
+    """Not a terminal (no progress bar): one line per log_every steps with loss, loops, tok/s and the ETA; an
+    explicit progress=False stays quiet until the end."""
+    import io
+    import re
+
+    config = train_config(corpus, steps=6, log_every=2, eval_every=0)
+    stream = io.StringIO()
+    Trainer(small_config(), config, tmp_path / "a", stream=stream).fit()
+    lines = [line for line in stream.getvalue().splitlines() if re.match(r"step \d+/\d+ ", line)]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all(" loss " in line and " loops " in line and " tok/s  ETA " in line for line in lines)
+    quiet = io.StringIO()
+    Trainer(small_config(), config, tmp_path / "b", stream=quiet, progress=False).fit()
+    assert not [line for line in quiet.getvalue().splitlines() if re.match(r"step \d+/\d+ ", line)]

@@ -52,7 +52,7 @@ from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.data import Batch, document_mask
 from loopformer.training.distributed import init_distributed, shutdown, wrap_model
-from loopformer.training.metrics import MetricsLogger, ProgressBar, measure_matmul_peak
+from loopformer.training.metrics import MetricsLogger, ProgressBar, format_eta, measure_matmul_peak
 from loopformer.training.optim import EMA, build_optimizer, learning_rate, set_learning_rate
 from loopformer.training.pipeline import PreparedData, prepare_data
 
@@ -517,7 +517,7 @@ class Trainer:
                 window["flops"] += flops
                 window["tokens"] += tokens
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log_window(window, grad_norm, steps_run, peak)
+                    self._log_window(window, grad_norm, steps_run, peak, started)
                 self.progress.update(self.step, {"loss": loss, "loops": steps_run})
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     result.evaluation = self.evaluate()
@@ -546,10 +546,19 @@ class Trainer:
             return "time-limit"
         return None
 
-    def _log_window(self, window: dict[str, float], grad_norm: float, depth: int, peak: float) -> None:
+    def _log_window(self, window: dict[str, float], grad_norm: float, depth: int, peak: float, started: float) -> None:
+        """Record the window's train metrics; without a progress bar (output not a terminal, and no explicit
+        ``progress=False``), also print them as one line with the ETA."""
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         loss = window["loss"] / window["count"] if window["count"] else math.nan
         achieved = window["flops"] / elapsed
+        if self.progress_enabled is None and self.progress is not None and not self.progress.enabled:
+            done = self.step - self.progress.initial
+            eta = (time.perf_counter() - started) / max(done, 1) * (self.config.steps - self.step)
+            self._say(
+                f"step {self.step}/{self.config.steps}  loss {loss:.4f}  loops {depth}  "
+                f"{window['tokens'] / elapsed:,.0f} tok/s  ETA {format_eta(eta)}"
+            )
         self.logger.log(
             "train",
             self.step,
