@@ -1,6 +1,7 @@
 """Names renamed to the one vocabulary ("loops" for core iterations); the old ones work for one more release.
 
-:data:`RENAMED` maps every old config key, keyword and flag stem to its new name. :func:`warn_renamed` issues a
+:data:`RENAMED` maps every old config key to its new name (the config flags follow it; the other old flags and
+keywords are named where they are accepted). :func:`warn_renamed` issues a
 :class:`LoopformerDeprecationWarning` (a ``FutureWarning``, so Python shows it by default; the CLI prints it as one
 ``loopformer: warning:`` line) and :func:`upgrade_keys` rewrites the old keys of a config mapping, e.g. one read
 from a checkpoint written before the rename.
@@ -19,8 +20,6 @@ RENAMED = {
     "max_steps": "max_loops",
     "min_steps": "min_loops",
     "eval_depths": "eval_loops",
-    "num_steps": "loops",
-    "depths": "loops",
 }
 
 

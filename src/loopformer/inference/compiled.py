@@ -167,9 +167,11 @@ class CompiledDecoder:
         for keys, values in history.values():
             torch._dynamo.maybe_mark_dynamic(keys, keys.dim() - 4)
             torch._dynamo.maybe_mark_dynamic(values, values.dim() - 4)
-        autocast = torch.is_autocast_enabled(ids.device.type) and torch.get_autocast_dtype(ids.device.type)
-        shape = (loops, width, len(rows) > 1, cache.policy, memory is None, autocast)
-        new_shape = shape not in self._shapes and self.notice is not None
+        new_shape = False
+        if self.notice is not None:  # a graph is compiled once per this key (see the module docstring)
+            autocast = torch.is_autocast_enabled(ids.device.type) and torch.get_autocast_dtype(ids.device.type)
+            shape = (loops, width, len(rows) > 1, cache.policy, memory is None, autocast)
+            new_shape = shape not in self._shapes
         if new_shape:
             self._shapes.add(shape)
             described = f"loops {loops}, history {width}, batch {'2+' if len(rows) > 1 else 1}, kv {cache.policy.label}"
