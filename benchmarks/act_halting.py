@@ -47,7 +47,7 @@ from loopformer.presets import get_preset
 from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.evaluate import evaluate_task, evaluate_task_exits
-from loopformer.tasks.extrapolation import get_recipe
+from loopformer.tasks.recipes import get_recipe
 from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics

@@ -1,6 +1,6 @@
 """Halting study on vector parity: zero-shot early exits against fixed loop counts at equal average compute.
 
-1. Train the demo's looped model on ``--task`` (``loopformer.tasks.extrapolation.get_recipe``, with the changes in
+1. Train the demo's looped model on ``--task`` (``loopformer.tasks.recipes.get_recipe``, with the changes in
    ``MODEL_CHANGES`` / ``TRAIN_CHANGES``) through the normal Trainer within ``--minutes``, or load a finished run
    with ``--ckpt``. The EMA weights are used when the run kept them. The default, ``vector-parity-sparse``, writes
    the vector as its non-zero entries, so the windowed model's scan needs more loops for more of them; the dense
@@ -40,7 +40,8 @@ from loopformer.loading import load_trained_model
 from loopformer.table import format_table
 from loopformer.tasks.builtin import get_task
 from loopformer.tasks.encoding import IGNORE_INDEX, TaskEncoder
-from loopformer.tasks.extrapolation import STARTUP_SECONDS, budgeted_training, get_recipe
+from loopformer.tasks.extrapolation import STARTUP_SECONDS, budgeted_training
+from loopformer.tasks.recipes import get_recipe
 from loopformer.tokenizer import TextTokenizer
 from loopformer.training.trainer import Trainer
 

@@ -65,3 +65,59 @@ def test_entry_point_runs_as_a_module() -> None:
     assert result.stderr.strip() == (
         "loopformer: error: --loops 'x' is invalid: expected comma-separated integers such as 1,2,4."
     )
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+
+def test_help_and_every_parser_are_built_without_importing_torch() -> None:
+    """``--help`` and ``--version`` stay fast: the parsers, and ``import loopformer``, do not load torch."""
+    result = _run_python(
+        "import sys, loopformer, loopformer.tasks\n"
+        "from loopformer.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'safetensors', 'fastapi'})\n"
+        "print(heavy, loopformer.__version__)\n"
+        "print(loopformer.LoopLM.__name__, loopformer.tasks.TASKS['addition'].name, 'torch' in sys.modules)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == f"[] {__version__}"
+    assert second == "LoopLM addition True"  # the lazy names still resolve, importing torch on use
+
+
+def test_ctrl_c_while_the_command_line_is_imported_is_one_line_and_status_130() -> None:
+    """A KeyboardInterrupt raised by an import inside the command line (as Ctrl-C during start-up does)."""
+    result = _run_python(
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'loopformer.cli.train':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from loopformer.console import main\n"
+        "sys.exit(main())\n"
+    )
+    assert (result.returncode, result.stderr, result.stdout) == (130, "loopformer: interrupted\n", "")
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 1.0])
+def test_ctrl_c_at_any_moment_of_start_up_prints_no_traceback(delay: float, tmp_path) -> None:
+    """SIGINT to a real ``loopformer`` process early in its start-up (imports, torch, reading the corpus)."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loopformer", "train", "--steps", "100000", "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    # interrupted before training (130), or training stopped cleanly at the first step with a checkpoint (0)
+    assert process.returncode in (0, 130), stderr
+    assert process.returncode == 0 or stderr.rstrip().endswith("loopformer: interrupted"), stderr

@@ -294,6 +294,18 @@ def chat(capsys, ckpt: str, lines: Iterable[str], *extra: str) -> tuple[int, str
     return rc, captured.out, captured.err.splitlines()
 
 
+def recorded_conversations(monkeypatch: pytest.MonkeyPatch) -> list[list[Message]]:
+    """The messages of every chat prompt encoded from now on (one list per reply)."""
+    seen: list[list[Message]] = []
+
+    def recording(tokenizer: TextTokenizer, messages: list[Message]) -> list[int]:
+        seen.append(list(messages))
+        return encode_chat(tokenizer, messages)
+
+    monkeypatch.setattr(chat_cli, "encode_chat", recording)
+    return seen
+
+
 def summaries(err: list[str]) -> list[str]:
     return [line for line in err if "tok/s" in line]
 
@@ -365,13 +377,7 @@ def test_chat_bad_command_keeps_the_settings(capsys, ckpt: str) -> None:
 
 
 def test_chat_reset_forgets_the_conversation(capsys, ckpt: str, monkeypatch) -> None:
-    seen: list[list[Message]] = []
-
-    def recording(tokenizer: TextTokenizer, messages: list[Message]) -> list[int]:
-        seen.append(list(messages))
-        return encode_chat(tokenizer, messages)
-
-    monkeypatch.setattr(chat_cli, "encode_chat", recording)
+    seen = recorded_conversations(monkeypatch)
     rc, _, err = chat(capsys, ckpt, ["one", "two", "/reset", "three"])
     assert rc == 0 and len(summaries(err)) == 3
     assert [m.role for m in seen[0]] == ["user"]
@@ -381,13 +387,7 @@ def test_chat_reset_forgets_the_conversation(capsys, ckpt: str, monkeypatch) -> 
 
 
 def test_chat_system_message(capsys, ckpt: str, monkeypatch) -> None:
-    seen: list[list[Message]] = []
-
-    def recording(tokenizer: TextTokenizer, messages: list[Message]) -> list[int]:
-        seen.append(list(messages))
-        return encode_chat(tokenizer, messages)
-
-    monkeypatch.setattr(chat_cli, "encode_chat", recording)
+    seen = recorded_conversations(monkeypatch)
     rc, _, _ = chat(capsys, ckpt, ["a", "/system be brief", "b", "/system", "c"], "--system", "hello")
     assert rc == 0
     assert seen[0][0] == Message("system", "hello")
@@ -407,19 +407,76 @@ def test_chat_refused_reply_leaves_no_orphan_user_message(
     capsys, ckpt: str, monkeypatch, lines: list[str], extra: list[str], fragment: str
 ) -> None:
     """A user line whose reply is refused must not stay in the conversation (it would poison every later turn)."""
-    seen: list[list[Message]] = []
-
-    def recording(tokenizer: TextTokenizer, messages: list[Message]) -> list[int]:
-        seen.append(list(messages))
-        return encode_chat(tokenizer, messages)
-
-    monkeypatch.setattr(chat_cli, "encode_chat", recording)
+    seen = recorded_conversations(monkeypatch)
     rc, _, err = chat(capsys, ckpt, lines, *extra)
     assert rc == 0
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1 and fragment in errors[0]
     assert len(summaries(err)) == 1  # the later line got its reply
     assert [(m.role, m.content) for m in seen[-1]] == [("user", "accepted")]
+
+
+def test_chat_help_system_and_reset_say_what_they_did(capsys, ckpt: str) -> None:
+    rc, out, err = chat(capsys, ckpt, ["/help", "/system be brief", "/system", "/reset", "/system x", "/reset"])
+    assert rc == 0 and out == ""
+    assert err[1] == chat_cli.HELP
+    assert err[2:] == [
+        "system message set (8 characters)",
+        "system message cleared",
+        "conversation cleared",
+        "system message set (1 character)",
+        "conversation cleared (the system message stays)",
+    ]
+
+
+def test_chat_bare_exit_is_an_error_and_bye_leaves(capsys, ckpt: str) -> None:
+    rc, out, err = chat(capsys, ckpt, ["/exit", "/bye", "never answered"])
+    assert rc == 0 and out == "" and summaries(err) == []
+    errors = [line for line in err if line.startswith("error:")]
+    assert errors == ["error: /exit takes CRITERION[:THR] (e.g. /exit kl:5e-4) or off; /bye leaves the chat."]
+
+
+def test_chat_ctrl_c_stops_the_reply_not_the_session(capsys, ckpt: str, monkeypatch) -> None:
+    """Ctrl-C while a reply streams drops that turn and the chat goes on; Ctrl-C at the prompt says how to leave."""
+    from loopformer.inference.engine import Engine
+
+    seen = recorded_conversations(monkeypatch)
+    original = Engine.stream
+    calls = []
+
+    def stream(self: Engine, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        events = original(self, *args, **kwargs)
+        if len(calls) > 1:
+            return events
+
+        class Interrupted:  # the first reply: one token, then Ctrl-C
+            result = None
+
+            def __iter__(self) -> object:
+                yield next(iter(events))
+                raise KeyboardInterrupt
+
+        return Interrupted()
+
+    monkeypatch.setattr(Engine, "stream", stream)
+    lines = iter(["stopped", KeyboardInterrupt, "answered"])
+
+    def read(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    args = build_parser().parse_args(["chat", "--ckpt", ckpt, "--max-new-tokens", "4"])
+    assert chat_cli.run(args, read=read) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "(reply stopped; it is not part of the conversation)" in err
+    assert "(Ctrl-D or /bye leaves the chat)" in err
+    assert len(summaries(err)) == 1  # the second line got a whole reply
+    assert [(m.role, m.content) for m in seen[-1]] == [("user", "answered")]
 
 
 def test_chat_blank_lines_are_skipped(capsys, ckpt: str) -> None:

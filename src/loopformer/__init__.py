@@ -1,26 +1,21 @@
 """loopformer: recurrent-depth ("looped") transformer language models."""
 
-from importlib.metadata import PackageNotFoundError, version
+from loopformer.lazy import lazy_exports
 
-from loopformer.config import ModelConfig, RecurrenceConfig
-from loopformer.errors import ConfigError, InputError, LoopformerError
-from loopformer.model import LoopLM, LoopOutput, build_model
-
-try:
-    __version__ = version("loopformer")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
-
-
-def __getattr__(name: str) -> object:
-    """``loopformer.load`` (:func:`loopformer.loading.load`), imported on first use: it pulls in safetensors, the
-    tokenizer library and the quantized weights, which ``import loopformer`` alone does not need."""
-    if name == "load":
-        from loopformer.loading import load
-
-        return load
-    raise AttributeError(f"module 'loopformer' has no attribute {name!r}")
-
+# Imported on first use: ``import loopformer`` and the command line's ``--help`` stay free of torch.
+_EXPORTS = {
+    "ConfigError": "loopformer.errors",
+    "InputError": "loopformer.errors",
+    "LoopformerError": "loopformer.errors",
+    "ModelConfig": "loopformer.config",
+    "RecurrenceConfig": "loopformer.config",
+    "LoopLM": "loopformer.model",
+    "LoopOutput": "loopformer.model",
+    "build_model": "loopformer.model",
+    "load": "loopformer.loading",
+    "__version__": "loopformer.version",
+}
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
 
 __all__ = [
     "ConfigError",

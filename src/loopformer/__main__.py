@@ -2,6 +2,6 @@
 
 import sys
 
-from loopformer.cli import main
+from loopformer.console import main
 
 sys.exit(main())

@@ -31,6 +31,7 @@ DEPTH_SAMPLERS = ("lognormal-poisson", "fixed", "uniform", "poisson", "geometric
 HALTING_MODES = ("none", "act")
 HALTING_INPUTS = ("state", "state+change")
 ATTENTIONS = ("mha", "mla")
+DTYPES = ("auto", "fp32", "bf16")  # compute dtype choices; "auto" is resolved by loopformer.hardware
 
 
 def _check(ok: bool, owner: str, name: str, value: Any, allowed: str) -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from loopformer.config import DTYPES
 from loopformer.errors import InputError
 
-DTYPES = ("auto", "fp32", "bf16")
 AUTO_DTYPE_ENV = "LOOPFORMER_AUTO_DTYPE"
 REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matmul instructions

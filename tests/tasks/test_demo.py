@@ -11,7 +11,7 @@ import pytest
 
 from loopformer.cli import main
 from loopformer.presets import get_preset
-from loopformer.tasks.extrapolation import TASK_FIELDS, get_recipe, with_architecture
+from loopformer.tasks.recipes import TASK_FIELDS, get_recipe, with_architecture
 
 
 def run_demo(tmp_path: Path, *args: str) -> tuple[dict, str]:

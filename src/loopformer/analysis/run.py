@@ -31,10 +31,8 @@ from loopformer.analysis.plots import (
 from loopformer.analysis.report import Section, write_report
 from loopformer.analysis.trajectory import record_trajectory
 from loopformer.errors import InputError
-from loopformer.inference.exits import EXIT_CRITERIA
+from loopformer.inference.criteria import DEFAULT_RULES
 from loopformer.model import LoopLM
-
-DEFAULT_RULES = tuple(f"{name}:{threshold:g}" for name, threshold in EXIT_CRITERIA.items())
 
 
 @dataclass(frozen=True)

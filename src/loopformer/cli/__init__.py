@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loopformer import __version__
 from loopformer.cli import (
     analyze,
     chat,
@@ -30,8 +29,10 @@ from loopformer.cli import (
     serve,
     train,
 )
+from loopformer.console import interrupted
 from loopformer.deprecation import LoopformerDeprecationWarning
 from loopformer.errors import LoopformerError
+from loopformer.version import __version__
 
 COMMANDS = (
     presets, demo, train, eval_ppl, eval_task, eval_lm, generate, chat, serve, kv_size, analyze, convert, quantize,
@@ -51,21 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user mistake is one ``loopformer: error:`` line and status 2, Ctrl-C status 130."""
     with warnings.catch_warnings():
         warnings.showwarning = _one_line(warnings.showwarning)
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if not hasattr(args, "run"):
-            parser.print_help(sys.stderr)
-            return 2
         try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not hasattr(args, "run"):
+                parser.print_help(sys.stderr)
+                return 2
             return args.run(args)
         except LoopformerError as exc:
             print(f"loopformer: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("loopformer: interrupted", file=sys.stderr)
-            return 130
+            return interrupted()
 
 
 def _one_line(show: Callable[..., None]) -> Callable[..., None]:

@@ -10,19 +10,17 @@ import argparse
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-import torch
-
-from loopformer.analysis.curves import perplexity_curve, task_accuracy_curve
-from loopformer.analysis.run import DEFAULT_RULES, AnalysisOptions, InputGroup, analyze
 from loopformer.cli.arguments import parse_counts
 from loopformer.errors import InputError
 from loopformer.inference.chat import encode_prompt
-from loopformer.inference.exits import parse_exit_rule
-from loopformer.loading import load_trained_model
+from loopformer.inference.criteria import DEFAULT_RULES
 from loopformer.tasks.builtin import get_task
-from loopformer.tasks.encoding import TaskEncoder
-from loopformer.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # the command line imports torch only when a command runs
+    from loopformer.analysis.run import InputGroup
+    from loopformer.tokenizer import TextTokenizer
 
 
 def _token_text(tokenizer: TextTokenizer, token: int) -> str:
@@ -34,6 +32,10 @@ def _token_text(tokenizer: TextTokenizer, token: int) -> str:
 
 
 def _text_group(tokenizer: TextTokenizer, text: str, max_len: int) -> tuple[InputGroup, SimpleNamespace]:
+    import torch
+
+    from loopformer.analysis.run import InputGroup
+
     ids = encode_prompt(tokenizer, text)
     if len(ids) < 2:
         raise InputError("the text must have at least one token.")
@@ -47,6 +49,11 @@ def _text_group(tokenizer: TextTokenizer, text: str, max_len: int) -> tuple[Inpu
 
 
 def _task_groups(args: argparse.Namespace, tokenizer: TextTokenizer, name: str) -> tuple[list[InputGroup], dict]:
+    import torch
+
+    from loopformer.analysis.run import InputGroup
+    from loopformer.tasks.encoding import TaskEncoder
+
     task = get_task(name)
     encoder = TaskEncoder(tokenizer)
     groups, examples = [], {}
@@ -66,6 +73,12 @@ def _task_groups(args: argparse.Namespace, tokenizer: TextTokenizer, name: str) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopformer.analysis.curves import perplexity_curve, task_accuracy_curve
+    from loopformer.analysis.run import AnalysisOptions, analyze
+    from loopformer.inference.exits import parse_exit_rule
+    from loopformer.loading import load_trained_model
+    from loopformer.tokenizer import TextTokenizer
+
     if (args.text is None) == (args.task is None):
         raise InputError("give either --text TEXT or --task NAME --difficulty D.")
     if args.task is not None and args.difficulty is None:

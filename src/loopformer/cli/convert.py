@@ -13,20 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from loopformer.interop.huginn import export_huginn, import_huginn
-
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("auto", "fp32", "bf16")  # auto: as stored
 
 
 def run_huginn(args: argparse.Namespace) -> int:
-    path = import_huginn(Path(args.src), Path(args.dst), DTYPES[args.dtype])
+    import torch
+
+    from loopformer.interop.huginn import import_huginn
+
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    path = import_huginn(Path(args.src), Path(args.dst), dtype)
     print(f"wrote loopformer checkpoint {path}")
     return 0
 
 
 def run_to_huginn(args: argparse.Namespace) -> int:
+    from loopformer.interop.huginn import export_huginn
+
     path = export_huginn(Path(args.src), Path(args.dst), int(args.max_shard_mb * 2**20))
     print(f"wrote Huginn checkpoint {path}")
     return 0
@@ -53,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     huginn = kinds.add_parser("huginn", help="import a Huginn-0125 checkpoint directory")
     huginn.add_argument("src", help="Huginn directory: config.json, safetensors (single or index + shards), tokenizer")
     huginn.add_argument("dst", help="new loopformer checkpoint directory")
-    huginn.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="cast weights (default: as stored)")
+    huginn.add_argument("--dtype", choices=DTYPES, default="auto", help="cast weights (default: as stored)")
     huginn.set_defaults(run=run_huginn)
 
     to_huginn = kinds.add_parser("to-huginn", help="export a loopformer checkpoint in the Huginn layout")

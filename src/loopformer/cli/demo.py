@@ -17,10 +17,12 @@ from loopformer.cli.arguments import parse_counts
 from loopformer.config import atomic_write_text
 from loopformer.errors import InputError
 from loopformer.presets import PRESETS, get_preset
-from loopformer.tasks.extrapolation import RECIPES, format_report, get_recipe, plot_report, run_demo, with_architecture
+from loopformer.tasks.recipes import RECIPES, get_recipe, with_architecture
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopformer.tasks.extrapolation import format_report, plot_report, run_demo
+
     recipe = get_recipe(args.task)
     if args.preset:
         recipe = with_architecture(recipe, get_preset(args.preset))

@@ -8,19 +8,20 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from loopformer.cli.arguments import add_checkpoint_argument, add_renamed_flag, add_report_arguments, parse_counts
 from loopformer.errors import InputError
-from loopformer.evaluation.perplexity import evaluate_loops, format_loops_table
-from loopformer.loading import load_trained_model
-from loopformer.tokenizer import TextTokenizer
 from loopformer.training.config import BUILTIN_CORPORA, TrainConfig
-from loopformer.training.data import document_mask, fixed_eval_batches
-from loopformer.training.pipeline import prepare_data
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from loopformer.evaluation.perplexity import evaluate_loops, format_loops_table
+    from loopformer.loading import load_trained_model
+    from loopformer.tokenizer import TextTokenizer
+    from loopformer.training.data import document_mask, fixed_eval_batches
+    from loopformer.training.pipeline import prepare_data
+
     loops = parse_counts(args.loops, "--loops")
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     saved = dict(state.meta.get("train_config", {}))

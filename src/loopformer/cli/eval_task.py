@@ -15,14 +15,15 @@ from pathlib import Path
 from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_counts
 from loopformer.cli.generation_args import add_exit_arguments, exit_rule
 from loopformer.errors import InputError
-from loopformer.loading import load_trained_model
 from loopformer.tasks.builtin import get_task
-from loopformer.tasks.evaluate import evaluate_task, evaluate_task_exits, format_accuracy_table, format_exit_table
-from loopformer.tasks.jsonl import read_task_file
-from loopformer.tokenizer import TextTokenizer
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopformer.loading import load_trained_model
+    from loopformer.tasks.evaluate import evaluate_task, evaluate_task_exits, format_accuracy_table, format_exit_table
+    from loopformer.tasks.jsonl import read_task_file
+    from loopformer.tokenizer import TextTokenizer
+
     loops = parse_counts(args.loops, "--loops")
     rule = exit_rule(args)
     if args.data and (args.task is not None or args.difficulty is not None):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from loopformer.cli.generation_args import add_generation_arguments, generation_config, load_engine, load_memory
 from loopformer.errors import InputError
 from loopformer.inference.chat import encode_prompt
-from loopformer.inference.engine import GenerationResult
+
+if TYPE_CHECKING:
+    from loopformer.inference.engine import GenerationResult
 
 
 def summary(result: GenerationResult) -> str:

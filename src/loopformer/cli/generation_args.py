@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loopformer.cli.arguments import add_renamed_flag
+from loopformer.config import DTYPES
 from loopformer.errors import InputError
-from loopformer.hardware import DTYPES
-from loopformer.inference.engine import Engine, GenerationConfig
-from loopformer.inference.exits import ExitRule, parse_exit_rule
-from loopformer.inference.memory_file import load_memory_file
-from loopformer.inference.sampling import SamplingConfig
-from loopformer.loading import load_trained_model
-from loopformer.nn.memory import NO_PATHWAY
-from loopformer.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # the command line imports torch only when a command runs
+    import torch
+
+    from loopformer.inference.engine import Engine, GenerationConfig
+    from loopformer.inference.exits import ExitRule
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +77,8 @@ def exit_rule(args: argparse.Namespace) -> ExitRule | None:
     """The exit rule that ``--exit`` / ``--min-loops`` / ``--check-every`` describe (None without ``--exit``)."""
     if not args.exit:
         return None
+    from loopformer.inference.exits import parse_exit_rule
+
     return parse_exit_rule(args.exit, min_loops=args.min_loops, check_every=args.check_every)
 
 
@@ -94,6 +94,9 @@ def parse_speculative(text: str | None) -> tuple[int, int] | None:
 
 def generation_config(args: argparse.Namespace, stop_tokens: tuple[int, ...] | None = None) -> GenerationConfig:
     """The :class:`GenerationConfig` the flags describe."""
+    from loopformer.inference.engine import GenerationConfig
+    from loopformer.inference.sampling import SamplingConfig
+
     sampling = SamplingConfig(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -122,6 +125,9 @@ def load_memory(args: argparse.Namespace, engine: Engine) -> torch.Tensor | None
     """The ``--memory`` vectors, checked against the model (None without the flag)."""
     if args.memory is None:
         return None
+    from loopformer.inference.memory_file import load_memory_file
+    from loopformer.nn.memory import NO_PATHWAY
+
     memory_dim = engine.model.config.memory_dim
     if memory_dim == 0:
         raise InputError(f"--memory: {NO_PATHWAY}")
@@ -133,6 +139,10 @@ def load_memory(args: argparse.Namespace, engine: Engine) -> torch.Tensor | None
 
 def load_engine(args: argparse.Namespace) -> tuple[Engine, Path]:
     """The checkpoint's model and tokenizer in an :class:`Engine`, and the checkpoint directory."""
+    from loopformer.inference.engine import Engine
+    from loopformer.loading import load_trained_model
+    from loopformer.tokenizer import TextTokenizer
+
     model, state, path = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     if state.tokenizer_json is None:
         raise InputError(f"{path} has no tokenizer.json; generation needs the checkpoint's tokenizer.")

@@ -10,10 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.checkpoint import load_model_config
 from loopformer.cli.arguments import parse_counts
 from loopformer.errors import InputError
-from loopformer.inference.cache import cache_bytes, parse_slot_policy
 from loopformer.presets import get_preset
 from loopformer.table import format_table
 
@@ -21,6 +19,9 @@ ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopformer.checkpoint import load_model_config
+    from loopformer.inference.cache import cache_bytes, parse_slot_policy
+
     if (args.preset is None) == (args.ckpt is None):
         raise InputError("give either --preset NAME or --ckpt DIR.")
     config = get_preset(args.preset) if args.preset else load_model_config(Path(args.ckpt))

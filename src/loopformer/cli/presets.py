@@ -6,13 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from loopformer.model import build_model
 from loopformer.presets import PRESETS, get_preset
 from loopformer.table import format_table
 
 
 def preset_summary(name: str) -> dict[str, Any]:
     """Facts about one preset; the parameter count comes from a model built on the meta device."""
+    from loopformer.model import build_model
+
     config = PRESETS[name]
     params = build_model(config, device="meta").num_parameters()
     return {

@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 
 from loopformer.cli.arguments import add_checkpoint_argument
-from loopformer.loading import load_trained_model
-from loopformer.quant import QuantScheme, directory_bytes, save_quantized
 from loopformer.table import format_table
 
 MIB = 2**20
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopformer.loading import load_trained_model
+    from loopformer.quant import QuantScheme, directory_bytes, save_quantized
+
     scheme = QuantScheme(args.bits, args.group_size, embedding=not args.keep_embedding, adapters=args.adapters)
     model, state, source = load_trained_model(Path(args.ckpt), use_ema=args.ema)
     parameters = model.num_parameters()

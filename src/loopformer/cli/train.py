@@ -12,7 +12,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.cli.arguments import add_renamed_flag
 from loopformer.config import ModelConfig, RecurrenceConfig, read_config_file
 from loopformer.deprecation import RENAMED, upgrade_keys
@@ -148,6 +147,8 @@ def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """Model and training configs from base (preset or resumed run) < run file < flags."""
+    from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
+
     preset, from_file = file_overrides(args.config) if args.config else (None, {})
     from_flags = flag_overrides(args)
     changes = merge(from_file, from_flags)

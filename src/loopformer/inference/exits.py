@@ -35,18 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from loopformer.errors import InputError
+from loopformer.inference.criteria import EXIT_CRITERIA
 from loopformer.model import LoopLM
 from loopformer.nn.attention import AttentionContext
 from loopformer.nn.halting import ACT, ACT_THRESHOLD, HaltingHead
 
-EXIT_CRITERIA: dict[str, float] = {
-    "kl": 5e-4,
-    "entropy-diff": 1e-3,
-    "latent-diff": 0.03,
-    "minp-kl": 1e-5,
-    "argmax-stability": 5,
-    "cosine": 1e-3,
-}
 LEARNED_CRITERIA: dict[str, float] = {"act": ACT_THRESHOLD}
 CRITERIA = {**EXIT_CRITERIA, **LEARNED_CRITERIA}
 LATENT_CRITERIA = frozenset({"latent-diff", "cosine", "act"})  # computed from the state alone

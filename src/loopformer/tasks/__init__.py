@@ -4,11 +4,25 @@ A task generates symbolic examples (:class:`Example`: input symbols, target symb
 them into batches for the ordinary trainer, :mod:`.evaluate` scores a model per loop count.
 """
 
-from loopformer.tasks.base import Example, Task, exact_match
-from loopformer.tasks.builtin import TASKS, get_task
-from loopformer.tasks.encoding import TaskEncoder, task_tokenizer
-from loopformer.tasks.evaluate import evaluate_task, format_accuracy_table
-from loopformer.tasks.jsonl import read_task_file, write_task_file
+from loopformer.lazy import lazy_exports
+
+# Imported on first use, so that the task list (``loopformer.tasks.builtin``) loads without torch.
+__getattr__, __dir__ = lazy_exports(
+    globals(),
+    {
+        "Example": "loopformer.tasks.base",
+        "Task": "loopformer.tasks.base",
+        "exact_match": "loopformer.tasks.base",
+        "TASKS": "loopformer.tasks.builtin",
+        "get_task": "loopformer.tasks.builtin",
+        "TaskEncoder": "loopformer.tasks.encoding",
+        "task_tokenizer": "loopformer.tasks.encoding",
+        "evaluate_task": "loopformer.tasks.evaluate",
+        "format_accuracy_table": "loopformer.tasks.evaluate",
+        "read_task_file": "loopformer.tasks.jsonl",
+        "write_task_file": "loopformer.tasks.jsonl",
+    },
+)
 
 __all__ = [
     "TASKS",

@@ -11,8 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from loopformer.config import _check, _check_choice, _check_types, known_fields
-from loopformer.hardware import DTYPES
+from loopformer.config import DTYPES, _check, _check_choice, _check_types, known_fields
 
 SCHEDULES = ("constant", "cosine", "wsd")
 BUILTIN_CORPORA = ("stdlib", "stdlib+topics")
