@@ -58,6 +58,19 @@ def test_same_seed_gives_identical_logits_and_different_seed_does_not() -> None:
     assert not torch.equal(a, build_model(config, seed=2)(ids, loops=4, seed=7).logits)
 
 
+def test_a_seeded_build_leaves_the_global_rng_as_it_was() -> None:
+    """A seeded model does not depend on, or change, the global RNG (a resumed run restores it bit-exactly)."""
+    before = torch.get_rng_state()
+    first = build_model(small_config(), seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(12345)
+    second = build_model(small_config(), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters(), strict=True))
+    unseeded = torch.get_rng_state()
+    build_model(small_config())  # no seed: the weights come from the global RNG, which moves on
+    assert not torch.equal(torch.get_rng_state(), unseeded)
+
+
 def test_explicit_generator_equals_seed() -> None:
     model = build_model(small_config(), seed=0)
     ids = torch.randint(0, 64, (1, 5))

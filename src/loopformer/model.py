@@ -11,6 +11,7 @@ Training (depth sampling, truncated backprop), inference and analysis reuse thes
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -548,7 +549,8 @@ def build_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> LoopLM:
-    """Construct and initialise a model; ``seed`` makes the weights reproducible.
+    """Construct and initialise a model; ``seed`` makes the weights reproducible and leaves the global RNG as it
+    was (without it the weights come from the global RNG).
 
     On the ``meta`` device nothing is materialised (for counting parameters of large presets).
     """
@@ -558,10 +560,12 @@ def build_model(
         tensors = [*skeleton.parameters(), *skeleton.buffers()]
         nbytes = sum(t.numel() * (t.element_size() if dtype is None else dtype.itemsize) for t in tensors)
         check_fits_memory(nbytes, f"This model ({skeleton.num_parameters():,} parameters)", device)
-    generator = None
+    generator, isolated = None, contextlib.nullcontext()
     if seed is not None and device.type != "meta":
         generator = torch.Generator(device=device).manual_seed(seed)
-    with device:
+        # torch.nn's own initialisers draw from the global RNG before LoopLM re-initialises from ``generator``
+        isolated = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with isolated, device:
         model = LoopLM(config, generator)
     if dtype is not None:
         model = model.to(dtype)

@@ -73,6 +73,12 @@ def test_resume_continues_bit_exactly(corpus: Path, tmp_path: Path) -> None:
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+    # every saved RNG state too, the global torch_cpu one included (building the model used to draw from it)
+    rng_straight = load_checkpoint(resolve_checkpoint(tmp_path / "straight")).rng
+    rng_split = load_checkpoint(resolve_checkpoint(tmp_path / "split")).rng
+    assert rng_straight.keys() == rng_split.keys() >= {"depth", "torch_cpu"}
+    for name in rng_straight:
+        assert torch.equal(rng_straight[name], rng_split[name]), name
 
 
 def test_metrics_log_and_evaluation(corpus: Path, tmp_path: Path) -> None:
@@ -181,3 +187,45 @@ def test_without_a_terminal_training_prints_a_line_every_log_every_steps(corpus:
     quiet = io.StringIO()
     Trainer(small_config(), config, tmp_path / "b", stream=quiet, progress=False).fit()
     assert not [line for line in quiet.getvalue().splitlines() if re.match(r"step \d+/\d+ ", line)]
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_saves_after_the_step_and_a_second_one_aborts_saying_what_is_lost(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, presses: int
+) -> None:
+    """SIGINT during step 8 of 12 (checkpoint every 6): once -> a checkpoint at step 8 and reason "interrupted";
+    twice -> KeyboardInterrupt after a line naming the step done since the checkpoint at step 6, which stays."""
+    import io
+    import os
+    import signal
+
+    original = Trainer.train_step
+
+    def train_step(self: Trainer, stop: object) -> object:
+        if self.step == 7:  # step 8 is about to run
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, stop)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    stream = io.StringIO()
+    trainer = Trainer(small_config(), train_config(corpus, eval_every=0), tmp_path / "run", stream=stream)
+    if presses == 1:
+        result = trainer.fit()
+        assert (result.reason, result.step) == ("interrupted", 8)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    said = stream.getvalue()
+    assert "press Ctrl-C again to abort and lose the 1 step since the checkpoint at step 6)" in said
+    aborted = "aborted without a checkpoint, losing the 1 step since the checkpoint at step 6"
+    assert (aborted in said) == (presses == 2)
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run")).step == (8 if presses == 1 else 6)
+
+
+def test_an_abort_before_the_first_checkpoint_says_every_step_is_lost(corpus: Path, tmp_path: Path) -> None:
+    trainer = Trainer(small_config(), train_config(corpus), tmp_path / "run")
+    trainer.step, trainer.saved_step = 3, None
+    assert trainer.unsaved_steps() == "all 3 steps of this run (no checkpoint yet)"
+    trainer.saved_step = 2
+    assert trainer.unsaved_steps() == "the 1 step since the checkpoint at step 2"

@@ -15,7 +15,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -69,18 +69,24 @@ class TrainResult:
 
 
 class StopRequest:
-    """Turns the first Ctrl-C / SIGTERM into "checkpoint and stop after this step"; a second one aborts."""
+    """Turns the first Ctrl-C / SIGTERM into "checkpoint and stop after this step"; a second one aborts. Both say
+    which steps an abort loses (``unsaved()``: e.g. "the 12 steps since the checkpoint at step 6")."""
 
-    def __init__(self, say: Any) -> None:
+    def __init__(self, say: Callable[[str], None], unsaved: Callable[[], str]) -> None:
         self.requested = False
         self._say = say
+        self._unsaved = unsaved
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            self._say(f"aborted without a checkpoint, losing {self._unsaved()}")
             raise KeyboardInterrupt
         self.requested = True
-        self._say("stop requested: saving a checkpoint after this step (press Ctrl-C again to abort)")
+        self._say(
+            "stop requested: saving a checkpoint after this step "
+            f"(press Ctrl-C again to abort and lose {self._unsaved()})"
+        )
 
     def __enter__(self) -> StopRequest:
         with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
@@ -210,6 +216,7 @@ class Trainer:
             cfg.batch_size * cfg.grad_accum, cfg.seed, self.dist.rank, self.dist.world_size
         )
         self.step = 0
+        self.saved_step: int | None = None  # the step of this run's newest checkpoint
         self.tokens_seen = 0
         if self.resume and source is not None:
             self._load_training_state(source)
@@ -266,7 +273,7 @@ class Trainer:
         if state.rng is not None:
             restore_rng(state.rng, {"depth": self.depth_generator})
         self.sampler.load_state_dict(state.meta["sampler"])
-        self.step = state.step
+        self.step = self.saved_step = state.step
         self.tokens_seen = int(state.meta.get("tokens", 0))
 
     # ----- checkpoints ----------------------------------------------------------------------
@@ -297,6 +304,7 @@ class Trainer:
             )
             path = save_checkpoint(self.out_dir, state, keep_last=self.config.keep_last)
             self.logger.log("checkpoint", self.step, path=str(path))
+        self.saved_step = self.step
         self.dist.barrier()
         return path
 
@@ -490,7 +498,7 @@ class Trainer:
         started = time.perf_counter()
         window = {"start": time.perf_counter(), "loss": 0.0, "count": 0, "flops": 0.0, "tokens": 0}
         bad_in_a_row = 0
-        with StopRequest(self._say) as stop:
+        with StopRequest(self._say, self.unsaved_steps) as stop:
             while self.step < cfg.steps:
                 loss, grad_norm, depth, skipped, stop_requested = self.train_step(stop)
                 steps_run = int(depth.max()) if isinstance(depth, torch.Tensor) else depth
@@ -535,6 +543,13 @@ class Trainer:
         result.step = self.step
         self._say(f"stopped at step {self.step} ({result.reason}); checkpoint {result.checkpoint or '(rank 0)'}")
         return result
+
+    def unsaved_steps(self) -> str:
+        """The steps an abort now would lose, in words."""
+        if self.saved_step is None:
+            return f"all {self.step} steps of this run (no checkpoint yet)"
+        lost = self.step - self.saved_step
+        return f"the {lost} step{'s' if lost != 1 else ''} since the checkpoint at step {self.saved_step}"
 
     def _stop_reason(self, stop_requested: bool, started: float) -> str | None:
         if stop_requested:
