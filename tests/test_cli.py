@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -121,3 +123,46 @@ def test_ctrl_c_at_any_moment_of_start_up_prints_no_traceback(delay: float, tmp_
     # interrupted before training (130), or training stopped cleanly at the first step with a checkpoint (0)
     assert process.returncode in (0, 130), stderr
     assert process.returncode == 0 or stderr.rstrip().endswith("loopformer: interrupted"), stderr
+
+
+def _parsers(
+    parser: argparse.ArgumentParser, name: str = "loopformer"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_with_a_default_shows_it_once_and_choices_are_listed() -> None:
+    """``--help`` of every command: an option with a default names it exactly once (never "default: None"),
+    enum-valued config flags list their choices, exit criteria show their default thresholds."""
+    from loopformer.cli import build_parser
+
+    checked = 0
+    for name, parser in _parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            text = " ".join(formatter._format_action(action).split())
+            assert "default: None" not in text, (name, text)
+            default = action.default
+            silent = any(default is v for v in (None, False, True, argparse.SUPPRESS)) or default in ([], "")
+            if not silent and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                assert text.count("default:") + text.count("(default)") == 1, (name, text)
+                checked += 1
+    assert checked > 50
+    helps = {name: parser.format_help() for name, parser in _parsers(build_parser())}
+    assert "--injection {concat,add,lti}" in helps["loopformer train"]
+    assert "lti (Parcae's linear" in " ".join(helps["loopformer train"].split())
+    assert "cosine 0.001, act 0.99" in " ".join(helps["loopformer generate"].split())
+    assert "TCP port (default: 8000)" in " ".join(helps["loopformer serve"].split())
+
+
+def test_the_act_threshold_in_help_is_the_halting_heads() -> None:
+    from loopformer.inference.criteria import ACT_DEFAULT_THRESHOLD
+    from loopformer.nn.halting import ACT_THRESHOLD
+
+    assert ACT_DEFAULT_THRESHOLD == ACT_THRESHOLD

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loopformer.cli import main
+from loopformer.errors import InputError
 from loopformer.presets import get_preset
 from loopformer.tasks.recipes import TASK_FIELDS, get_recipe, with_architecture
 
@@ -72,6 +73,29 @@ def test_demo_refuses_a_non_empty_out_directory(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_without_out_the_demo_writes_runs_demo_or_the_next_free_folder(tmp_path, monkeypatch, capsys) -> None:
+    """``loopformer demo`` keeps its runs in runs/demo (so the README's ``analyze --ckpt runs/demo/looped``
+    works); an earlier demo there is kept and the new one goes to runs/demo-2."""
+    import loopformer.tasks.extrapolation as extrapolation
+    from loopformer.cli.demo import fresh_folder
+
+    monkeypatch.chdir(tmp_path)
+    used: list[Path] = []
+
+    def recording(recipe: object, budget: float, out_dir: Path, **options: object) -> None:
+        used.append(Path(out_dir))
+        raise InputError("stopped after choosing the folder")
+
+    monkeypatch.setattr(extrapolation, "run_demo", recording)
+    assert main(["demo"]) == 2
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "results.json").write_text("{}")
+    assert main(["demo"]) == 2
+    assert used == [Path("runs/demo"), Path("runs/demo-2")]
+    assert "runs/demo holds an earlier demo; this one goes to runs/demo-2" in capsys.readouterr().err
+    assert fresh_folder(tmp_path / "runs" / "demo-2") == tmp_path / "runs" / "demo-2"
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ print one sentence and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,10 +41,39 @@ COMMANDS = (
 )  # fmt: skip
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the help already names its default, or there is none
+    to name (None, off flags, empty lists)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._names_default(action):  # argparse prints no help line for help=None
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or not self._names_default(action):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+    @staticmethod
+    def _names_default(action: argparse.Action) -> bool:
+        default = action.default
+        silent = any(default is value for value in (None, False, True, argparse.SUPPRESS)) or default in ([], "")
+        return bool(action.option_strings) and not silent
+
+
+class Parser(argparse.ArgumentParser):
+    """Every ``loopformer`` parser and sub-parser: defaults shown once in ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loopformer", description="Recurrent-depth (looped) transformer language models."
-    )
+    parser = Parser(prog="loopformer", description="Recurrent-depth (looped) transformer language models.")
     parser.add_argument("--version", action="version", version=f"loopformer {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for command in COMMANDS:

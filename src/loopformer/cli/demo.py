@@ -19,6 +19,8 @@ from loopformer.errors import InputError
 from loopformer.presets import PRESETS, get_preset
 from loopformer.tasks.recipes import RECIPES, get_recipe, with_architecture
 
+DEFAULT_OUT = "runs/demo"
+
 
 def run(args: argparse.Namespace) -> int:
     from loopformer.tasks.extrapolation import format_report, plot_report, run_demo
@@ -28,8 +30,14 @@ def run(args: argparse.Namespace) -> int:
         recipe = with_architecture(recipe, get_preset(args.preset))
     if args.loops:
         recipe = replace(recipe, loops=tuple(sorted(set(parse_counts(args.loops, "--loops")))))
-    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
+    if args.out is None:
+        out_dir = fresh_folder(Path(DEFAULT_OUT))
+        if out_dir != Path(DEFAULT_OUT):
+            print(f"{DEFAULT_OUT} holds an earlier demo; this one goes to {out_dir}", file=sys.stderr)
+    elif Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
         raise InputError(f"--out {args.out} is not empty; choose a new directory for the demo's runs.")
+    else:
+        out_dir = Path(args.out)
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -37,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(
         recipe,
         args.budget_minutes,
-        args.out,
+        out_dir,
         eval_count=args.eval_count,
         seed=args.seed,
         say=say,
@@ -53,6 +61,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def fresh_folder(base: Path) -> Path:
+    """``base`` when it is absent or empty, else the first of ``base-2``, ``base-3``, ... that is."""
+    candidate, number = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="train looped vs fixed-depth models on a reasoning task and test depth extrapolation"
@@ -61,7 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--budget-minutes", type=float, default=10.0, help="wall-clock budget for training and evaluation (default: 10)"
     )
-    parser.add_argument("--out", metavar="DIR", help="where the three runs go (default: a new temporary directory)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"where the three runs go (default: {DEFAULT_OUT}, or {DEFAULT_OUT}-2 if taken)",
+    )
     parser.add_argument("--json", metavar="FILE", help="results JSON (default: DIR/results.json)")
     parser.add_argument("--plot", metavar="FILE", help="accuracy-vs-loops PNG (default: DIR/accuracy.png)")
     parser.add_argument(

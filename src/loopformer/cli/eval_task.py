@@ -67,6 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--count", type=int, default=256, help="generated examples (default: 256)")
     parser.add_argument("--loops", default="1,2,4,8,16,32", help="comma-separated loop counts (budgets with --exit)")
     add_exit_arguments(parser.add_argument_group("early exit (scored token by token through the inference engine)"))
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="examples scored together")
     add_report_arguments(parser, "seed of the examples and of the initial state")
     parser.set_defaults(run=run)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from loopformer.cli.arguments import add_renamed_flag
 from loopformer.config import DTYPES
 from loopformer.errors import InputError
+from loopformer.inference.criteria import ACT_DEFAULT_THRESHOLD, EXIT_CRITERIA
 
 if TYPE_CHECKING:  # the command line imports torch only when a command runs
     import torch
@@ -51,20 +52,26 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory vectors (.safetensors / .npy, [vectors, dim] or [prompts, vectors, dim]) for the memory pathway",
     )
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=128)
+    sampling.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt at most")
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    sampling.add_argument("--top-k", type=int)
-    sampling.add_argument("--top-p", type=float)
-    sampling.add_argument("--min-p", type=float)
-    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: all)")
+    sampling.add_argument("--top-p", type=float, help="nucleus: the smallest set of this mass (default: off)")
+    sampling.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top one (default: off)")
+    sampling.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="divide seen tokens' logits by this (default: 1, off)"
+    )
     sampling.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the sampler and of the initial states")
 
 
 def add_exit_arguments(group: argparse._ActionsContainer) -> None:
     """``--exit``, ``--min-loops`` and ``--check-every``: a per-token exit rule (read by :func:`exit_rule`)."""
+    defaults = {**EXIT_CRITERIA, "act": ACT_DEFAULT_THRESHOLD}
+    thresholds = ", ".join(f"{name} {value:g}" for name, value in defaults.items())
     group.add_argument(
-        "--exit", metavar="CRITERION[:THR]", help="per-token early exit, e.g. kl:5e-4, latent-diff:0.03, act:0.99"
+        "--exit",
+        metavar="CRITERION[:THR]",
+        help=f"per-token early exit, e.g. kl:5e-4; criteria and their default thresholds: {thresholds}",
     )
     min_loops = group.add_argument(
         "--min-loops", type=int, default=1, help="no exit before this many loops (default: 1)"

@@ -66,6 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", default="1024", help="comma-separated lengths per row (default: 1024)")
     parser.add_argument("--loops", default="32", help="comma-separated core iteration counts (default: 32)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(ELEMENT_BYTES), default="fp32")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dtype", choices=sorted(ELEMENT_BYTES), default="fp32", help="cache element type")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(run=run)

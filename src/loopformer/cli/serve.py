@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with per-request depth")
     add_checkpoint_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--model-name", help="the model id clients send (default: the --ckpt directory's name)")
     parser.add_argument("--api-key", help=f"require Authorization: Bearer KEY (or set {API_KEY_VARIABLE})")
     limits = parser.add_argument_group("limits")
@@ -105,5 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="static batches: admit new requests only when the batch is empty",
     )
     parser.add_argument("--memory-dir", help="directory of memory files that requests may name (memory pathway)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's logs"
+    )
     parser.set_defaults(run=run)

@@ -13,12 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from loopformer.cli.arguments import add_renamed_flag
-from loopformer.config import ModelConfig, RecurrenceConfig, read_config_file
+from loopformer.config import (
+    ATTENTIONS,
+    DEPTH_SAMPLERS,
+    DTYPES,
+    HALTING_INPUTS,
+    HALTING_MODES,
+    INJECTIONS,
+    LOOP_EMBEDDINGS,
+    LOOP_OVERFLOW_POLICIES,
+    NORM_LAYOUTS,
+    ROPE_STYLES,
+    STATE_INITS,
+    ModelConfig,
+    RecurrenceConfig,
+    read_config_file,
+)
 from loopformer.deprecation import RENAMED, upgrade_keys
 from loopformer.errors import ConfigError
 from loopformer.presets import PRESETS, get_preset
 from loopformer.tasks.builtin import TASKS
-from loopformer.training.config import TrainConfig
+from loopformer.training.config import SCHEDULES, STRATEGIES, TrainConfig
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "recurrence": RecurrenceConfig, "train": TrainConfig}
 SKIPPED_FIELDS = {("model", "recurrence")}
@@ -42,6 +57,49 @@ HELP = {
     "halting (none: every parameter trains)",
     "time_limit_minutes": "stop with a checkpoint after this many minutes",
     "vocab_size": "set from the tokenizer for new runs (padded to a multiple of 64)",
+    # choices, with what each means
+    "norm_layout": "sandwich: norms before and after attention / MLP (Huginn); pre: pre-norm only",
+    "rope_style": "half: rotate the two halves of a head (Llama, Huginn); interleaved: rotate adjacent pairs",
+    "injection": "how the encoded input re-enters every loop: concat (Huginn's adapter over [state, input]), add, "
+    "lti (Parcae's linear time-invariant update, stable by construction)",
+    "state_init": "the first loop's state: like-init (random, the std below) or zero",
+    "loop_embedding": "a per-loop signal added to the state: none, sinusoidal or learned (one vector per slot)",
+    "loop_overflow": "loops beyond per_loop_slots: reuse-last slot, cycle through the slots, or off (no signal)",
+    "attention": "mha (multi-head, grouped with n_kv_heads) or mla (multi-head latent attention, DeepSeek-style)",
+    "halting": "none, or act: a learned halting head trained with a ponder cost (adaptive computation time)",
+    "halting_input": "what the halting head reads: state, or state+change (the state and its last update)",
+    "sampler": "how each step draws its loop count around mean_loops: lognormal-poisson (Huginn), fixed, uniform, "
+    "poisson or geometric",
+    "schedule": "learning-rate schedule after the warm-up: constant, cosine, or wsd (warmup-stable-decay)",
+    "dtype": "compute dtype: auto (bf16 autocast where this machine runs it faster), fp32 or bf16",
+    "strategy": "multi-process training (torchrun): ddp (replicated weights) or fsdp (sharded)",
+    # None means derived from the other fields, or off
+    "n_kv_heads": "key/value heads, grouped-query attention when below n_heads (default: n_heads)",
+    "head_dim": "width of one attention head (default: dim // n_heads)",
+    "mlp_hidden": "SwiGLU hidden width (default: 8/3 x dim rounded up to a multiple of 32)",
+    "per_loop_slots": "trained per-loop slots (LoRA, loop embedding) (default: 2 x mean_loops)",
+    "init_std": "weight initialisation std (default: sqrt(2 / (5 x dim)))",
+    "moe_hidden": "width of one routed expert (default: mlp_hidden / (moe_shared + moe_top_k))",
+    "mla_kv_rank": "MLA's compressed key/value width (default: dim // 4)",
+    "mla_rope_dim": "MLA's rotated part of a head (default: about head_dim / 2)",
+    "halting_prior": "mean of the geometric prior the halting KL pulls towards (default: none, no KL term)",
+    "max_loops": "cap on the sampled loop count (default: none)",
+    "sliding_window": "attention sees this many positions back (default: none, the whole context)",
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "norm_layout": NORM_LAYOUTS,
+    "rope_style": ROPE_STYLES,
+    "injection": INJECTIONS,
+    "state_init": STATE_INITS,
+    "loop_embedding": LOOP_EMBEDDINGS,
+    "loop_overflow": LOOP_OVERFLOW_POLICIES,
+    "attention": ATTENTIONS,
+    "halting": HALTING_MODES,
+    "halting_input": HALTING_INPUTS,
+    "sampler": DEPTH_SAMPLERS,
+    "schedule": SCHEDULES,
+    "dtype": DTYPES,
+    "strategy": STRATEGIES,
 }
 
 
@@ -83,8 +141,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parse, optional = field_kind(str(f.type))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
+            shown = "none" if shown is None else shown
             text = HELP.get(f.name, "")
-            helptext = f"{text} (default: {shown})" if text else f"default: {shown}"
+            helptext = text if "(default:" in text else f"{text} (default: {shown})".lstrip()
             flag = "--" + f.name.replace("_", "-")
             dest = f"{section}.{f.name}"
             if parse is bool:
@@ -93,8 +152,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 )
             else:
                 kind = optional_value(parse) if optional else parse
+                choices = CHOICES.get(f.name)
                 action = group.add_argument(
-                    flag, dest=dest, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=helptext
+                    flag,
+                    dest=dest,
+                    type=kind,
+                    choices=choices,
+                    default=argparse.SUPPRESS,
+                    metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
+                    help=helptext,
                 )
                 for old in (name for name, new in RENAMED.items() if new == f.name):
                     add_renamed_flag(group, action, "--" + old.replace("_", "-"))

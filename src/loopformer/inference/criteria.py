@@ -13,4 +13,5 @@ EXIT_CRITERIA: dict[str, float] = {
     "argmax-stability": 5,
     "cosine": 1e-3,
 }
+ACT_DEFAULT_THRESHOLD = 0.99  # the learned "act" criterion: nn.halting.ACT_THRESHOLD (a test keeps them equal)
 DEFAULT_RULES = tuple(f"{name}:{threshold:g}" for name, threshold in EXIT_CRITERIA.items())  # each at its default
