@@ -198,3 +198,21 @@ def test_tensorboard_event_file(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path / "metrics.jsonl", tmp_path / "tb") as logger:
         logger.log("train", 1, loss=2.0, note="text is not a scalar")
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_records_of_one_step_get_one_tensorboard_tag_per_series(tmp_path: Path) -> None:
+    """Evaluation at several loop counts: ``eval/perplexity/loops_4`` etc., one curve per loop count, and no
+    ``eval/loops`` curve; metrics.jsonl keeps ``loops`` as a field."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path / "metrics.jsonl", tmp_path / "tb") as logger:
+        for step in (3, 6):
+            for loops in (1, 4):
+                logger.log("eval", step, series="loops", loops=loops, perplexity=10.0 / loops + step)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval/perplexity/loops_1", "eval/perplexity/loops_4"]
+    values = [(e.step, e.value) for e in events.Scalars("eval/perplexity/loops_4")]
+    assert values == [(3, pytest.approx(5.5)), (6, pytest.approx(8.5))]
+    assert [r["loops"] for r in read_metrics(tmp_path / "metrics.jsonl", "eval")] == [1, 4, 1, 4]

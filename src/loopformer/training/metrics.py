@@ -276,9 +276,13 @@ class MetricsLogger:
         if torn:  # a crash mid-line: end that line so the next record starts on its own
             self._file.write("\n")
 
-    def log(self, kind: str, step: int, **values: Any) -> None:
+    def log(self, kind: str, step: int, *, series: str | None = None, **values: Any) -> None:
         """Append ``{"kind", "step", "time" (unix seconds), **values}``; numeric scalars also go to TensorBoard as
-        ``f"{kind}/{name}"``. Non-finite floats are written as the strings "nan", "inf", "-inf"."""
+        ``f"{kind}/{name}"``. Non-finite floats are written as the strings "nan", "inf", "-inf".
+
+        ``series`` names the value that tells several records of one kind and step apart (the evaluation's
+        ``loops``): their TensorBoard tags become ``f"{kind}/{name}/{series}_{value}"`` (``eval/perplexity/loops_4``)
+        and that value is not plotted itself."""
         if not self.enabled:
             return
         if self._file is None or self._file.closed:
@@ -287,10 +291,11 @@ class MetricsLogger:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._writer is not None:
+            suffix = "" if series is None else f"/{series}_{values[series]}"
             for name, value in values.items():
                 scalar = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-                if isinstance(scalar, int | float) and not isinstance(scalar, bool):
-                    self._writer.add_scalar(f"{kind}/{name}", scalar, step)
+                if name != series and isinstance(scalar, int | float) and not isinstance(scalar, bool):
+                    self._writer.add_scalar(f"{kind}/{name}{suffix}", scalar, step)
 
     def close(self) -> None:
         if self._file is not None and not self._file.closed:

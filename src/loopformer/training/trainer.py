@@ -443,16 +443,18 @@ class Trainer:
                 autocast_dtype=self.dtype_choice.autocast_dtype,
             )
         for r in results:
+            task_only = {"exact_match": r.exact_match} if self.config.is_task else {}  # text has no exact answers
             self.logger.log(
                 "eval",
                 self.step,
+                series="loops",
                 loops=r.loops,
                 loss=r.loss,
                 perplexity=r.perplexity,
                 state_change=r.state_change,
                 token_correlation=r.token_correlation,
-                exact_match=r.exact_match,
                 weights="ema" if self.ema is not None else "model",
+                **task_only,
             )
         if self.config.is_task:
             summary = ", ".join(f"r={r.loops}: {100 * r.exact_match:.1f}%" for r in results)
