@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from loopformer.config import ModelConfig, atomic_write_text, read_text_file
 from loopformer.errors import ConfigError, InputError
+from loopformer.filemode import tree_as_created
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -91,6 +92,8 @@ def _load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, t
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+            if not isinstance(aliases, dict) or not all(isinstance(t, str) for t in aliases.values()):
+                raise ValueError("its aliases metadata is not a mapping of tensor names")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         tensors.update({name: tensors[target] for name, target in aliases.items()})
     except (SafetensorError, OSError, ValueError, KeyError, AttributeError) as exc:
@@ -132,9 +135,10 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json(path: Path) -> Any:
+    text = _read_text(path)
     try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
+        return json.loads(text)
+    except ValueError as exc:  # not JSON, or an integer of more digits than Python reads (4300)
         raise InputError(f"Checkpoint file {str(path)!r} is corrupt ({_short(exc)}).") from None
 
 
@@ -273,7 +277,8 @@ def save_checkpoint(run_dir: Path, state: TrainingState, keep_last: int = 3) -> 
     """Write ``<run_dir>/checkpoints/step-XXXXXXXX`` atomically, point ``latest`` at it, prune old ones.
 
     ``keep_last < 1`` keeps every checkpoint. Returns the checkpoint directory. One writer per run
-    directory is assumed (rank 0): leftover ``.tmp-*`` directories are deleted.
+    directory is assumed (rank 0): what an interrupted save left (``.tmp-*`` directories, ``.latest.*`` temp
+    files) is deleted.
     """
     if isinstance(state.step, bool) or not isinstance(state.step, int) or state.step < 0:
         raise InputError(f"A checkpoint step must be an integer >= 0, got {state.step!r}.")
@@ -284,6 +289,7 @@ def save_checkpoint(run_dir: Path, state: TrainingState, keep_last: int = 3) -> 
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         _write_files(tmp, state)
+        tree_as_created(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -315,6 +321,7 @@ def staged_directory(directory: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         yield tmp
+        tree_as_created(tmp)
         _fsync(tmp)
         if directory.exists():
             directory.rmdir()
@@ -333,7 +340,7 @@ def write_checkpoint_dir(directory: Path, state: TrainingState) -> Path:
 
 
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
-    """Delete step dirs beyond the newest ``keep_last`` (never ``keep``) and leftover temp dirs."""
+    """Delete step dirs beyond the newest ``keep_last`` (never ``keep``) and leftover temp dirs and files."""
     latest = _read_latest(root)
     if keep_last >= 1:
         dirs = [p for _, p in _step_dirs(root) if p != keep]
@@ -343,6 +350,9 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
     for stale in root.glob(".tmp-*"):
         if stale.is_dir() and stale.name != latest:
             shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{LATEST}.*"):  # the temp file of a write of `latest` killed before its rename
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 # ----- loading -----------------------------------------------------------------------------------
@@ -391,6 +401,8 @@ def load_checkpoint(
     trainer = _read_json(ckpt / "trainer.json")
     if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
         raise InputError(f"Checkpoint file {str(ckpt / 'trainer.json')!r} has no integer step.")
+    if not isinstance(trainer.get("meta") or {}, dict):
+        raise InputError(f"Checkpoint file {str(ckpt / 'trainer.json')!r} has a meta that is not a JSON object.")
     state = TrainingState(
         step=trainer["step"],
         model=_load_tensors(ckpt / "model.safetensors", map_location),

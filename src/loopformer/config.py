@@ -20,6 +20,7 @@ import yaml
 
 from loopformer.deprecation import upgrade_keys
 from loopformer.errors import ConfigError
+from loopformer.filemode import as_created
 
 NORM_LAYOUTS = ("sandwich", "pre")
 ROPE_STYLES = ("half", "interleaved")
@@ -413,6 +414,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        as_created(fd)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()

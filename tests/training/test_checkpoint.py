@@ -276,3 +276,28 @@ def test_shape_fields_are_exactly_the_ones_that_change_parameters() -> None:
     for name, value in {"rope_base": 100.0, "norm_eps": 1e-5, "sliding_window": 4, "max_seq_len": 64}.items():
         assert shapes(base) == shapes(base.replace(**{name: value})), name
         check_compatible(base, base.replace(**{name: value}))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_checkpoints_and_staged_folders_get_the_umask_mode(tmp_path: Path, mask: int) -> None:
+    """Atomic writes go through 0700 / 0600 temp folders and files; what lands must have the umask's modes."""
+    import os
+    import stat
+
+    from loopformer.checkpoint import staged_directory
+    from loopformer.config import atomic_write_text
+
+    previous = os.umask(mask)
+    try:
+        path = save_checkpoint(tmp_path / "run", simple_state(1))
+        with staged_directory(tmp_path / "export") as staged:
+            (staged / "weights.bin").write_bytes(b"x")
+        atomic_write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(previous)
+    folders = [path, tmp_path / "export"]
+    files = [*path.iterdir(), path.parent / "latest", tmp_path / "export" / "weights.bin", tmp_path / "report.json"]
+    for folder in folders:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask, folder
+    for file in files:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file

@@ -28,6 +28,7 @@ import torch
 
 from loopformer.config import atomic_write_text, read_jsonl_records, read_text_file
 from loopformer.errors import ConfigError, InputError
+from loopformer.filemode import as_created
 from loopformer.tokenizer import TextTokenizer
 
 STDLIB_EXCLUDED_DIRS = frozenset(
@@ -262,6 +263,8 @@ def tokenize_documents(
     dtype = _token_dtype(tokenizer.vocab_size)
     bos = tokenizer.bos_id
     temps = {k: tempfile.mkstemp(prefix=f".{files[k].name}.", dir=cache_dir) for k in ("tokens", "mask", "docs")}
+    for fd, _ in temps.values():
+        as_created(fd)
     handles = {k: os.fdopen(fd, "wb") for k, (fd, _) in temps.items()}
     total = 0
     try:
