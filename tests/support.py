@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -37,6 +40,10 @@ def small_config(**changes: object) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# `loopformer train` flags of a tiny, fast run: the model (TINY), the data and evaluation (FAST)
+TINY = ["--preset", "tiny", "--dim", "32", "--n-heads", "4", "--mlp-hidden", "64", "--mean-loops", "2"]
+FAST = ["--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2", "--eval-loops", "1,2", "--eval-batches", "1"]
+
 WORDS = ["loop", "state", "depth", "token", "prelude", "coda", "core", "inject", "norm", "head", "attention", "window"]
 
 
@@ -48,6 +55,17 @@ def write_corpus(folder: Path, documents: int = 24, words: int = 120) -> Path:
         picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
         (folder / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in picks) + "\n")
     return folder
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script (``benchmarks/*.py``) as the module ``name``, registered before it runs (its dataclasses look their
+    module up) and loaded once."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def save_random_checkpoint(run: Path, config: ModelConfig, tokenizer: TextTokenizer, train_config: dict) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 from loopformer.inference.exits import EXIT_CRITERIA
-from support import benchmark_checkpoints
+from support import benchmark_checkpoints, load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
 
@@ -80,10 +79,5 @@ def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
 
 
 def load_benchmark() -> ModuleType:
-    """benchmarks/inference.py as a module (registered first: its dataclasses look their module up)."""
-    if "inference_benchmark" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("inference_benchmark", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["inference_benchmark"]
+    """benchmarks/inference.py as a module."""
+    return load_script(SCRIPT, "inference_benchmark")

@@ -165,7 +165,7 @@ def error_of(response: httpx.Response) -> dict:
         ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 301}, 400, "at most 300"),
         ({"model": MODEL, "prompt": "x" * 500, "max_tokens": 100}, 400, "context"),
-        ({"model": MODEL, "prompt": "x", "loops": 9}, 400, "at most 8"),
+        ({"model": MODEL, "prompt": "x", "loops": 9}, 400, "at most 8 on this server (its --max-loops)"),
         ({"model": MODEL, "prompt": "x", "loops": 0}, 400, "loops"),
         ({"model": MODEL, "prompt": "x", "loops": 2, "reasoning_effort": "low"}, 400, "not both"),
         ({"model": MODEL, "prompt": "x", "reasoning_effort": "extreme"}, 400, "low (1 loops)"),

@@ -79,3 +79,11 @@ def test_the_command_serves_until_interrupted(ckpt: Path) -> None:
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert f"on http://127.0.0.1:{port}/v1" in err and "continuous batching off" in err and "API key required" in err
+
+
+def test_default_effort_levels_cover_openais_names() -> None:
+    """``reasoning_effort`` "none" and "minimal" (OpenAI's lowest levels) are served by default too."""
+    from loopformer.serve.settings import default_effort
+
+    assert default_effort(8) == {"none": 1, "minimal": 2, "low": 4, "medium": 8, "high": 16}
+    assert default_effort(1) == {"none": 1, "minimal": 1, "low": 1, "medium": 1, "high": 2}

@@ -21,7 +21,7 @@ from loopformer.training.config import TrainConfig
 from loopformer.training.data import Batch
 from loopformer.training.metrics import read_metrics
 from loopformer.training.trainer import Trainer
-from support import small_config, write_corpus
+from support import small_config
 
 
 @pytest.mark.parametrize(
@@ -88,12 +88,6 @@ def corpus_training(corpus: Path, steps: int) -> TrainConfig:
         eval_loops=(1, 3),
         eval_batches=1,
     )
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOOPFORMER_CACHE", str(tmp_path / "cache"))
-    return write_corpus(tmp_path / "corpus")
 
 
 def test_trainer_logs_ponder_and_checkpoints_the_head(corpus: Path, tmp_path: Path) -> None:

@@ -17,16 +17,7 @@ from loopformer.cli import build_parser, main
 from loopformer.cli.train import resolve_configs
 from loopformer.presets import get_preset
 from loopformer.training.metrics import read_metrics
-from support import write_corpus
-
-TINY = ["--preset", "tiny", "--dim", "32", "--n-heads", "4", "--mlp-hidden", "64", "--mean-loops", "2"]
-FAST = ["--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2", "--eval-loops", "1,2", "--eval-batches", "1"]
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOOPFORMER_CACHE", str(tmp_path / "cache"))
-    return write_corpus(tmp_path / "corpus")
+from support import FAST, TINY
 
 
 def test_help_lists_every_field_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:

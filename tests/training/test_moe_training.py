@@ -17,15 +17,9 @@ from loopformer.nn.moe import MoE
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics
 from loopformer.training.trainer import Trainer
-from support import small_config, write_corpus
+from support import small_config
 
 MOE = {"moe_routed": 4, "moe_top_k": 2, "moe_shared": 1, "moe_hidden": 16}
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOOPFORMER_CACHE", str(tmp_path / "cache"))
-    return write_corpus(tmp_path / "corpus")
 
 
 def test_config_validates_and_derives_the_expert_width() -> None:

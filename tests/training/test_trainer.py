@@ -16,13 +16,7 @@ from loopformer.errors import InputError, TrainingError
 from loopformer.training.config import TrainConfig
 from loopformer.training.metrics import read_metrics
 from loopformer.training.trainer import Trainer
-from support import WORDS, small_config, write_corpus
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOOPFORMER_CACHE", str(tmp_path / "cache"))
-    return write_corpus(tmp_path / "corpus")
+from support import WORDS, small_config
 
 
 def train_config(corpus: Path, **changes: object) -> TrainConfig:

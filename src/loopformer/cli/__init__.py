@@ -12,7 +12,7 @@ import copy
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from loopformer.cli import (
     analyze,
@@ -32,7 +32,7 @@ from loopformer.cli import (
 )
 from loopformer.console import interrupted
 from loopformer.deprecation import LoopformerDeprecationWarning
-from loopformer.errors import LoopformerError
+from loopformer.errors import InputError, LoopformerError
 from loopformer.version import __version__
 
 COMMANDS = (
@@ -65,11 +65,15 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """Every ``loopformer`` parser and sub-parser: defaults shown once in ``--help``."""
+    """Every ``loopformer`` parser and sub-parser: defaults shown once in ``--help``; a bad flag is one
+    ``loopformer: error:`` sentence and status 2, like every other user mistake (not argparse's usage dump)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{message} (see `{self.prog} --help`).")
 
 
 def build_parser() -> argparse.ArgumentParser:

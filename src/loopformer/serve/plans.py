@@ -90,7 +90,9 @@ def depth(request: GenerationRequest, engine: Engine, settings: ServerSettings) 
     resolved = loops if loops is not None else engine.model.config.recurrence.mean_loops
     if resolved > settings.max_loops:
         raise APIError(
-            400, f"loops must be at most {settings.max_loops} on this server, got {resolved}.", param="loops"
+            400,
+            f"loops must be at most {settings.max_loops} on this server (its --max-loops), got {resolved}.",
+            param="loops",
         )
     return loops, rule
 

@@ -22,8 +22,15 @@ def parse_effort(text: str) -> dict[str, int]:
 
 
 def default_effort(mean_loops: int) -> dict[str, int]:
-    """Effort levels relative to the model's training depth: half, the mean, twice the mean."""
-    return {"low": max(1, mean_loops // 2), "medium": mean_loops, "high": 2 * mean_loops}
+    """OpenAI's effort names relative to the model's training depth: none = 1 loop, minimal = a quarter, low = half,
+    medium = the mean, high = twice the mean."""
+    return {
+        "none": 1,
+        "minimal": max(1, mean_loops // 4),
+        "low": max(1, mean_loops // 2),
+        "medium": mean_loops,
+        "high": 2 * mean_loops,
+    }
 
 
 @dataclass(frozen=True)
