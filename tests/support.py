@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
+import hypothesis
 import pytest
 import torch
 
@@ -121,3 +122,12 @@ def generate_with_and_without_compaction(
         for handle in hooks:
             handle.remove()
     return results, rows
+
+
+def profile(examples: int) -> hypothesis.settings:
+    """Reproducible hypothesis settings: a fixed example sequence, no example database, no per-example deadline."""
+    health = hypothesis.HealthCheck
+    checks = [health.too_slow, health.data_too_large, health.filter_too_much]
+    return hypothesis.settings(
+        max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=checks
+    )

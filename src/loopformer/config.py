@@ -37,7 +37,20 @@ DTYPES = ("auto", "fp32", "bf16")  # compute dtype choices; "auto" is resolved b
 
 def _check(ok: bool, owner: str, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{owner}.{name}={value!r} is invalid: {allowed}.")
+        raise ConfigError(f"{owner}.{name}={shown(value)} is invalid: {allowed}.")
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, shortened past ``limit`` characters (an integer too long for Python to
+    print, over 4300 digits, is described by its size)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+INT_LIMIT = 2**63  # integer fields hold 64-bit signed values (what torch, numpy and every consumer can take)
 
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {
@@ -61,6 +74,10 @@ def _check_types(obj: Any) -> None:
         allowed = tuple(t for p in parts for t in _PY_TYPES.get(p, ()))
         ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
         _check(ok, owner, f.name, value, f"expected {f.type}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            _check(-INT_LIMIT <= value < INT_LIMIT, owner, f.name, value, "integers must lie in -2**63..2**63-1")
+        elif isinstance(value, float):  # a JSON 1e999 reads as inf: no setting means anything at inf or nan
+            _check(math.isfinite(value), owner, f.name, value, "must be a finite number")
 
 
 def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -183,6 +200,7 @@ class ModelConfig:
         for name, default in self.derived_defaults().items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+        _check_types(self)  # the derived values too (e.g. mlp_hidden of a dim near 2**63)
         _check(
             self.head_dim >= 2 and self.head_dim % 2 == 0,
             owner,
@@ -333,7 +351,7 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or an integer of more digits than Python reads (4300)
             raise ConfigError(f"The model config is not valid JSON: {exc}.") from None
         return cls.from_dict(data)
 
@@ -352,9 +370,14 @@ def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     :class:`ConfigError` naming every other key that is not a field of dataclass ``cls``."""
     names = {f.name for f in dataclasses.fields(cls)}
     data = upgrade_keys(data, names, cls.__name__)
-    unknown = sorted(set(data) - names)
+    # YAML keys may be numbers; a key with line breaks or other unprintable characters is shown as its repr
+    unknown = sorted(
+        key if isinstance(key, str) and key.isprintable() else shown(key) for key in data if key not in names
+    )
     if unknown:
-        raise ConfigError(f"Unknown {cls.__name__} field(s): {', '.join(unknown)}.")
+        listed = ", ".join(unknown)
+        listed = listed if len(listed) <= 200 else listed[:197] + "..."
+        raise ConfigError(f"Unknown {cls.__name__} field(s): {listed}.")
     return data
 
 
@@ -396,9 +419,12 @@ def read_config_file(path: str | os.PathLike[str]) -> Any:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file {str(path)!r} is not valid YAML ({_yaml_problem(exc)}).") from None
+        except ValueError as exc:  # a value YAML parses but Python refuses: 2020-13-45, an integer of 5000 digits
+            problem = str(exc).split(":")[0].strip() or type(exc).__name__
+            raise ConfigError(f"Config file {str(path)!r} holds a value that cannot be read ({problem}).") from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or an integer of more digits than Python reads (4300)
         raise ConfigError(f"Config file {str(path)!r} is not valid JSON: {exc}.") from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loopformer.checkpoint import TrainingState, check_state_dict, load_checkpoint, resolve_checkpoint
+from loopformer.errors import InputError
 from loopformer.model import LoopLM, build_model, meta_model
 from loopformer.quant.checkpoint import build_quantized_model
 from loopformer.tokenizer import TextTokenizer
@@ -34,6 +35,13 @@ def load_trained_model(path: Path, use_ema: bool = False) -> tuple[LoopLM, Train
     """
     directory = resolve_checkpoint(path)
     state = load_checkpoint(directory, load_optimizer=False)
+    # every layer holds at least one tensor: a config.json asking for more layers than the file has tensors is refused
+    # before its skeleton is built (a million layers take minutes to build, even on the meta device)
+    if state.config.n_layers > len(state.model):
+        raise InputError(
+            f"{directory} does not fit the model: its config asks for {state.config.n_layers} layers and its "
+            f"model.safetensors holds {len(state.model)} tensors."
+        )
     if "quantization" in state.meta:  # written by `loopformer quantize`: integer weights, no EMA
         return build_quantized_model(state, str(directory)).eval(), state, directory
     weights = state.ema if use_ema and state.ema is not None else state.model

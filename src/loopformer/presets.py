@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from loopformer.config import ModelConfig, RecurrenceConfig
+from loopformer.config import ModelConfig, RecurrenceConfig, shown
 from loopformer.errors import ConfigError
 
 
@@ -126,7 +126,6 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     """The preset called ``name``; an unknown name is a :class:`ConfigError` listing the known ones."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"Unknown preset {name!r}; known presets: {', '.join(PRESETS)}.") from None
+    if not isinstance(name, str) or name not in PRESETS:  # a run file's `preset:` may hold any value
+        raise ConfigError(f"Unknown preset {shown(name)}; known presets: {', '.join(PRESETS)}.")
+    return PRESETS[name]

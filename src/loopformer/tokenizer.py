@@ -97,7 +97,7 @@ class TokenRoles:
         if not isinstance(data, Mapping):
             raise InputError(f"token roles must be a JSON object, got {type(data).__name__}.")
         names = {"bos", "eos", "pad", "end_of_turn", "openings", "chat_template"}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(k if isinstance(k, str) and k.isprintable() else repr(k) for k in set(data) - names)
         missing = sorted(names - {"chat_template"} - set(data))
         problems = []
         if unknown:

@@ -100,8 +100,23 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor | None, penalty: fl
     # padding (-1) writes into an extra column that is dropped; repeated ids just set True again
     seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
     seen.scatter_(1, torch.where(history < 0, vocab, history), True)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    penalty = _representable(penalty, logits.dtype)
+    penalised = _finite(torch.where(logits > 0, logits / penalty, logits * penalty))
     return torch.where(seen[:, :vocab], penalised, logits)
+
+
+def _representable(value: float, dtype: torch.dtype) -> float:
+    """A positive ``value`` held within ``dtype``'s normal range, so that it is neither 0 nor inf in that dtype (a
+    logit divided by 0 or multiplied by inf can be nan)."""
+    info = torch.finfo(dtype)
+    return min(max(value, info.tiny), info.max)
+
+
+def _finite(scores: Tensor) -> Tensor:
+    """``scores`` with overflows (a penalty or temperature near 0 divides a logit to inf) held at the dtype's largest
+    finite values: softmax of an inf is nan, which no draw can take."""
+    info = torch.finfo(scores.dtype)
+    return scores.clamp(info.min, info.max)
 
 
 def _keep(probs: Tensor, keep: Tensor) -> Tensor:
@@ -115,7 +130,7 @@ def next_token_probs(logits: Tensor, config: SamplingConfig, history: Tensor | N
     vocab = scores.shape[-1]
     if config.greedy:
         return F.one_hot(scores.argmax(dim=-1), vocab).float()
-    probs = torch.softmax(scores / config.temperature, dim=-1)
+    probs = torch.softmax(_finite(scores / _representable(config.temperature, scores.dtype)), dim=-1)
     if config.top_k and config.top_k < vocab:
         top = probs.topk(config.top_k, dim=-1).indices
         probs = _keep(probs, torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top, True))

@@ -18,7 +18,7 @@ from typing import Any
 
 from loopformer.checkpoint import TrainingState, check_state_dict, write_checkpoint_dir
 from loopformer.errors import InputError
-from loopformer.model import LoopLM, build_model
+from loopformer.model import LoopLM, build_model, meta_model
 from loopformer.quant.model import install, quantizable_names, quantize_model, quantized_state
 from loopformer.quant.scheme import QuantScheme, from_tensors, stored_shapes
 
@@ -57,18 +57,19 @@ def build_quantized_model(state: TrainingState, source: str) -> LoopLM:
     if not isinstance(note, dict) or not isinstance(note.get("tensors"), list):
         raise InputError(f"{source} has a malformed quantization note in trainer.json.")
     scheme = QuantScheme.from_dict(note.get("scheme"))
-    model = build_model(state.config)
+    skeleton = meta_model(state.config)  # names and shapes are checked before any memory is allocated
     names = note["tensors"]
-    if sorted(names) != sorted(quantizable_names(model, scheme)):
+    if sorted(map(str, names)) != sorted(quantizable_names(skeleton, scheme)):
         raise InputError(
             f"{source}: the quantized tensors listed in trainer.json do not match the {scheme.label} scheme."
         )
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
     expected = {name: shape for name, shape in shapes.items() if name not in names}
     for name in names:
         parts = stored_shapes(shapes[name], scheme.bits, scheme.group_size)
         expected.update({f"{name}.{part}": shape for part, shape in parts.items()})
     check_state_dict(expected, {name: tensor.shape for name, tensor in state.model.items()}, source)
+    model = build_model(state.config)
     plain = {name: tensor for name, tensor in state.model.items() if name in shapes}
     for name in names:
         parts = {

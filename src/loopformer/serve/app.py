@@ -46,8 +46,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body must be a JSON object (Content-Type: application/json).", None
     if error["type"] == "missing":
         return (f"the request needs the field {param}." if param else "the request needs a JSON body."), param
-    if error["type"] == "extra_forbidden":
-        return f"unknown field {param}: this server does not accept it (see docs/serving.md).", param
+    if error["type"] == "extra_forbidden":  # the field is named as sent ('' for an empty key)
+        name = ".".join(where) or repr("")
+        return f"unknown field {name}: this server does not accept it (see docs/serving.md).", param
     return (f"{param}: {error['msg']}." if param else f"{error['msg']}."), param
 
 

@@ -200,8 +200,15 @@ class Scheduler:
                 self.metrics.count("loopformer_requests_cancelled_total")
                 continue
             session = job.session
-            token = int(session.choose(first)[0])
-            for event in session.accept(0, token, int(session.pending_steps[0])):
+            try:
+                token = int(session.choose(first)[0])
+                events = session.accept(0, token, int(session.pending_steps[0]))
+            except Exception:  # this row fails; the scheduler thread (and every other request) goes on
+                log.exception("choosing a token failed")
+                self._leave(job)
+                self._fail([job], 500, "the server failed while generating.")
+                continue
+            for event in events:
                 if event.token is not None:
                     if job.first_token is None:
                         job.first_token = time.perf_counter()

@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from loopformer.config import DTYPES, _check, _check_choice, _check_types, known_fields
+from loopformer.config import DTYPES, INT_LIMIT, _check, _check_choice, _check_types, known_fields
+from loopformer.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine", "wsd")
 BUILTIN_CORPORA = ("stdlib", "stdlib+topics")
@@ -83,13 +84,18 @@ class TrainConfig:
         _check(not self.init_from_ema or self.init_from, owner, "init_from_ema", True, "needs init_from")
         if isinstance(self.eval_loops, (list, str)):
             depths = self.eval_loops.split(",") if isinstance(self.eval_loops, str) else self.eval_loops
+            # integers or their text only: a float would be truncated (1.5 -> 1) and a bool read as 0 or 1
+            whole = all(isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)) for d in depths)
             try:
                 object.__setattr__(self, "eval_loops", tuple(int(d) for d in depths))
-            except (TypeError, ValueError):
-                _check(False, owner, "eval_loops", self.eval_loops, "expected integers such as 1,4,8")
+            except (TypeError, ValueError, OverflowError):
+                whole = False
+            _check(whole, owner, "eval_loops", self.eval_loops, "expected integers such as 1,4,8")
         _check_types(self)
         _check(
-            isinstance(self.eval_loops, tuple) and len(self.eval_loops) > 0 and min(self.eval_loops) >= 1,
+            isinstance(self.eval_loops, tuple)
+            and len(self.eval_loops) > 0
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d < INT_LIMIT for d in self.eval_loops),
             owner,
             "eval_loops",
             self.eval_loops,
@@ -142,6 +148,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"A training config must be a mapping, got {type(data).__name__}.")
         return cls(**known_fields(cls, data))
 
     def replace(self, **changes: Any) -> TrainConfig:
