@@ -3,15 +3,7 @@ is still being imported into the same one line and exit status 130 as one during
 
 from __future__ import annotations
 
-import sys
-
-INTERRUPTED = 130  # 128 + SIGINT, what shells report for a program stopped by Ctrl-C
-
-
-def interrupted() -> int:
-    """Say that Ctrl-C stopped the command; the exit status to return."""
-    print("loopformer: interrupted", file=sys.stderr)
-    return INTERRUPTED
+from loopformer.interrupt import interrupted
 
 
 def main() -> int:

@@ -30,9 +30,9 @@ from loopformer.cli import (
     serve,
     train,
 )
-from loopformer.console import interrupted
 from loopformer.deprecation import LoopformerDeprecationWarning
 from loopformer.errors import InputError, LoopformerError
+from loopformer.interrupt import interrupted
 from loopformer.version import __version__
 
 COMMANDS = (
