@@ -309,7 +309,7 @@ prompts = st.integers(0, 3).flatmap(lambda pick: st.just([]) if pick == 3 else p
 max_new_tokens = st.sampled_from(["1", "2", "1", "2", "1", "2", "0", "-1"])
 
 
-@profile(40)
+@profile(30)
 @given(presets=argument_vectors(PRESETS_OPTIONS, 3), kv_size=argument_vectors(KV_OPTIONS))
 def test_presets_and_kv_size_take_any_arguments(presets: list[str], kv_size: list[str]) -> None:
     check_cli(["presets", *presets])
@@ -317,9 +317,10 @@ def test_presets_and_kv_size_take_any_arguments(presets: list[str], kv_size: lis
 
 
 @profile(25)
-@given(argument_vectors(GENERATE_OPTIONS), st.sampled_from(["missing", "empty", "file"]))
+@given(argument_vectors(GENERATE_OPTIONS), st.sampled_from(["missing", "empty", "file", "9" * 5000]))
 def test_generate_without_a_checkpoint_fails_in_one_line(argv: list[str], kind: str) -> None:
-    """A missing directory, an empty one or a file as ``--ckpt``: always status 2 with one error line."""
+    """A missing directory, an empty one, a file or a name too long for the filesystem as ``--ckpt``: always status 2
+    with one error line."""
     with tempfile.TemporaryDirectory() as folder:
         ckpt = Path(folder) / kind
         if kind == "file":
@@ -342,6 +343,25 @@ def test_generate_with_a_checkpoint_takes_any_arguments(
 RAW_RUN_FILES = ["seed: 2020-13-45", "dim: " + "9" * 5000, '{"dim": ' + "9" * 5000 + "}", "- 1", "a: [", "preset: {}"]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["kv-size", "--preset", ""],  # was a TypeError: an empty name reached Path(None)
+        ["kv-size", "--ckpt", ""],
+        ["train", "--out", "", "--steps", "1"],  # trained into the current folder
+        ["train", "--data", " ", "--steps", "1", "--out", "unused"],  # read every file under the current folder
+        ["train", "--init-from", "", "--steps", "1", "--out", "unused"],
+        ["generate", "--ckpt", "", "--prompt", "x"],
+        ["convert", "huginn", "", "unused"],
+    ],
+)
+def test_an_empty_name_is_one_error(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the thorough CLI search: an empty file or folder name is refused, never read as the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert check_cli(argv, allowed=(2,)) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 @st.composite
 def run_files(draw: st.DrawFn) -> str:
     """The text of a run file: junk fields flat or under sections, as JSON or YAML, or not a mapping at all."""
@@ -358,6 +378,7 @@ def run_files(draw: st.DrawFn) -> str:
 @profile(30)
 @given(argument_vectors(TRAIN_OPTIONS), st.none() | run_files())
 @example([], '{"preset": [null]}')  # an unhashable preset name was a TypeError
+@example(["--config", "9" * 5000], None)  # a file name too long to stat was an OSError
 def test_train_refuses_any_arguments_before_training(argv: list[str], run_file: str | None) -> None:
     """``train`` with junk flags and run files, ending in ``--steps 0`` (refused) and a missing ``--out``: it must
     fail with one error line before a trainer is ever made."""
@@ -596,6 +617,13 @@ def test_a_damaged_checkpoint_loads_or_is_one_error(tiny_run: Path, damages: lis
 @given(st.lists(mutations(), min_size=1, max_size=3))
 def test_a_damaged_checkpoint_loads_or_is_one_error_thorough(tiny_run: Path, damages: list[tuple[str, Any]]) -> None:
     check_damaged_checkpoint(tiny_run, damages)
+
+
+def test_a_path_too_long_to_stat_is_one_error(tmp_path: Path) -> None:
+    """``stat`` of a 5000-character name fails with ENAMETOOLONG, which pathlib's ``is_file`` lets through."""
+    too_long = tmp_path / ("9" * 5000)
+    for call in (lambda: load(too_long), lambda: read_config_file(too_long)):
+        assert isinstance(outcome(call), LoopformerError)
 
 
 def test_the_undamaged_checkpoint_loads(tiny_run: Path) -> None:

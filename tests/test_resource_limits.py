@@ -56,6 +56,19 @@ def test_a_config_that_disagrees_with_the_tensors_is_refused_before_building(
     assert built == []  # refused on the header shapes: the 400,000-wide model was never allocated
 
 
+@pytest.mark.parametrize("start", ["resume", "init-from"])
+def test_training_from_a_checkpoint_asking_for_a_million_layers_is_refused_at_once(
+    run: Path, start: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The layer-count check runs where the checkpoint is read, so training from it never builds the model."""
+    _edit_config(run, n_core=1_000_000)
+    out = run if start == "resume" else tmp_path / "tuned"
+    flags = ["--resume"] if start == "resume" else ["--init-from", str(run)]
+    assert main(["train", *flags, "--out", str(out), "--steps", "4", "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "asks for 1000002 layers" in line and line.startswith("loopformer: error: ")
+
+
 def test_parameters_or_cache_beyond_the_available_memory_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hardware, "available_memory", lambda: 1 << 20)  # 1 MiB left
     wide = small_config(dim=256, mlp_hidden=1024)

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from loopformer.config import ModelConfig, atomic_write_text, read_text_file
+from loopformer.config import ModelConfig, atomic_write_text, read_text_file, shown
 from loopformer.errors import ConfigError, InputError
 from loopformer.filemode import tree_as_created
 
@@ -360,31 +360,40 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "model.safetensors").is_file()
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from itself, a run directory or its ``checkpoints/`` directory.
 
     ``latest`` decides; when it is missing or names a directory that is gone, the highest-numbered
     complete ``step-*`` directory is used.
     """
+    if isinstance(path, str) and not path.strip():
+        raise InputError("The checkpoint path is empty; name a checkpoint or run directory.")
     path = Path(path)
-    if _is_checkpoint(path):
-        return path
-    for root in (path / "checkpoints", path):
-        if not root.is_dir():
-            continue
-        latest = _read_latest(root)
-        if latest and "/" not in latest and _is_checkpoint(root / latest):
-            return root / latest
-        complete = [p for _, p in _step_dirs(root) if _is_checkpoint(p)]
-        if complete:
-            return complete[-1]
-    raise InputError(f"No checkpoint found in {str(path)!r}.")
+    try:
+        if _is_checkpoint(path):
+            return path
+        for root in (path / "checkpoints", path):
+            if not root.is_dir():
+                continue
+            latest = _read_latest(root)
+            if latest and "/" not in latest and _is_checkpoint(root / latest):
+                return root / latest
+            complete = [p for _, p in _step_dirs(root) if _is_checkpoint(p)]
+            if complete:
+                return complete[-1]
+    except OSError as exc:  # e.g. a name longer than the filesystem allows, a folder that cannot be listed
+        raise InputError(f"Checkpoint path {shown(str(path))} cannot be read ({exc.strerror or exc}).") from None
+    raise InputError(f"No checkpoint found in {shown(str(path))}.")
 
 
 def load_model_config(path: Path) -> ModelConfig:
     """The ModelConfig of a checkpoint (any path :func:`resolve_checkpoint` accepts, or a config.json file)."""
     path = Path(path)
-    file = path if path.is_file() else resolve_checkpoint(path) / "config.json"
+    try:
+        is_file = path.is_file()
+    except OSError:  # resolve_checkpoint names the problem
+        is_file = False
+    file = path if is_file else resolve_checkpoint(path) / "config.json"
     data = _read_json(file)
     try:
         return ModelConfig.from_dict(data)
@@ -421,6 +430,17 @@ def load_checkpoint(
     if (ckpt / "token_roles.json").exists():
         state.token_roles = _read_json(ckpt / "token_roles.json")
     return state
+
+
+def check_layer_count(state: TrainingState, directory: Path) -> None:
+    """Refuse a checkpoint whose config asks for more layers than its model.safetensors holds tensors (every layer
+    holds at least one), before any model is built from it: a million layers take minutes to build, even on the meta
+    device."""
+    if state.config.n_layers > len(state.model):
+        raise InputError(
+            f"{directory} does not fit the model: its config asks for {state.config.n_layers} layers and its "
+            f"model.safetensors holds {len(state.model)} tensors."
+        )
 
 
 def _shape_view(config: ModelConfig, name: str) -> Any:

@@ -383,14 +383,19 @@ def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 def read_text_file(path: Path, what: str, error: type[Exception]) -> str:
     """The UTF-8 text of ``path``, or ``error`` with one sentence naming ``what`` is missing or unreadable."""
-    if not path.is_file():
-        raise error(f"{what} {str(path)!r} does not exist.")
+    named = shown(str(path))
+    try:
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name longer than the filesystem allows
+        raise error(f"{what} {named} cannot be read ({exc.strerror or exc}).") from None
+    if not found:
+        raise error(f"{what} {named} does not exist.")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{what} {str(path)!r} cannot be read as UTF-8 text (not UTF-8 at byte {exc.start}).") from None
+        raise error(f"{what} {named} cannot be read as UTF-8 text (not UTF-8 at byte {exc.start}).") from None
     except OSError as exc:
-        raise error(f"{what} {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
+        raise error(f"{what} {named} cannot be read ({exc.strerror or exc}).") from None
 
 
 def read_jsonl_records(path: Path, what: str, error: type[Exception]) -> list[tuple[int, Any]]:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loopformer.checkpoint import TrainingState, check_state_dict, load_checkpoint, resolve_checkpoint
-from loopformer.errors import InputError
+from loopformer.checkpoint import (
+    TrainingState,
+    check_layer_count,
+    check_state_dict,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from loopformer.model import LoopLM, build_model, meta_model
 from loopformer.quant.checkpoint import build_quantized_model
 from loopformer.tokenizer import TextTokenizer
@@ -22,26 +27,20 @@ def load(path: str | Path, *, ema: bool = False) -> tuple[LoopLM, TextTokenizer 
 
     >>> model, tokenizer = loopformer.load("runs/lm")  # doctest: +SKIP
     """
-    model, state, _ = load_trained_model(Path(path), use_ema=ema)
+    model, state, _ = load_trained_model(path, use_ema=ema)
     if state.tokenizer_json is None:
         return model, None
     return model, TextTokenizer.from_json(state.tokenizer_json, roles=state.token_roles)
 
 
-def load_trained_model(path: Path, use_ema: bool = False) -> tuple[LoopLM, TrainingState, Path]:
+def load_trained_model(path: str | Path, use_ema: bool = False) -> tuple[LoopLM, TrainingState, Path]:
     """The model of a checkpoint (or of a run directory's latest) in eval mode, its state and its directory.
 
     ``use_ema`` takes the EMA weights when the checkpoint has them.
     """
     directory = resolve_checkpoint(path)
     state = load_checkpoint(directory, load_optimizer=False)
-    # every layer holds at least one tensor: a config.json asking for more layers than the file has tensors is refused
-    # before its skeleton is built (a million layers take minutes to build, even on the meta device)
-    if state.config.n_layers > len(state.model):
-        raise InputError(
-            f"{directory} does not fit the model: its config asks for {state.config.n_layers} layers and its "
-            f"model.safetensors holds {len(state.model)} tensors."
-        )
+    check_layer_count(state, directory)
     if "quantization" in state.meta:  # written by `loopformer quantize`: integer weights, no EMA
         return build_quantized_model(state, str(directory)).eval(), state, directory
     weights = state.ema if use_ema and state.ema is not None else state.model

@@ -15,6 +15,7 @@ import pytest
 from loopformer.checkpoint import load_checkpoint, resolve_checkpoint
 from loopformer.cli import build_parser, main
 from loopformer.cli.train import resolve_configs
+from loopformer.errors import ConfigError
 from loopformer.presets import get_preset
 from loopformer.training.metrics import read_metrics
 from support import FAST, TINY
@@ -43,6 +44,9 @@ def test_settings_are_layered_preset_then_file_then_flags(tmp_path: Path) -> Non
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
     with pytest.raises(Exception, match="unknown field 'learning_rate'"):
+        resolve_configs(build_parser().parse_args(["train", "--config", str(bad)]))
+    bad.write_text("recurrence: [1]\n")  # a section that is not a mapping was reported as an unknown field
+    with pytest.raises(ConfigError, match="section 'recurrence' must be a mapping of RecurrenceConfig field names"):
         resolve_configs(build_parser().parse_args(["train", "--config", str(bad)]))
 
 

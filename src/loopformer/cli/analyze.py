@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from loopformer.cli.arguments import parse_counts
+from loopformer.cli.arguments import parse_counts, path_text
 from loopformer.errors import InputError
 from loopformer.inference.chat import encode_prompt
 from loopformer.inference.criteria import DEFAULT_RULES
@@ -134,12 +134,16 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("analyze", help="trajectories, convergence, logit lens, exits and plots of the loop")
-    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    parser.add_argument(
+        "--ckpt", type=path_text, required=True, help="a checkpoint directory or a run directory (uses its latest)"
+    )
     parser.add_argument("--text", help="text to analyse (fed as <|bos|> + its tokens)")
     parser.add_argument("--task", help="a built-in reasoning task (with --difficulty)")
     parser.add_argument("--difficulty", help="task difficulty, comma-separated for several groups")
     parser.add_argument("--count", type=int, default=16, help="task examples per difficulty (default: 16)")
-    parser.add_argument("--out", required=True, help="folder for the figures, report.json and report.html")
+    parser.add_argument(
+        "--out", type=path_text, required=True, help="folder for the figures, report.json and report.html"
+    )
     parser.add_argument("--loops", type=int, default=32, help="iterations analysed (default: 32)")
     parser.add_argument("--reference-loops", type=int, help="depth of the reference state s* (default: 4x --loops)")
     parser.add_argument("--seeds", default="0,1,2,3", help="initial-state seeds for path independence")

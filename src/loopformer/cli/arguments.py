@@ -53,8 +53,17 @@ def add_renamed_flag(group: argparse._ActionsContainer, action: argparse.Action,
     )
 
 
+def path_text(text: str) -> str:
+    """An argparse ``type`` for a file or folder flag: an empty name would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder")
+    return text
+
+
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    parser.add_argument(
+        "--ckpt", type=path_text, required=True, help="a checkpoint directory or a run directory (uses its latest)"
+    )
 
 
 def add_report_arguments(parser: argparse.ArgumentParser, seed_help: str) -> None:

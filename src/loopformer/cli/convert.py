@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from loopformer.cli.arguments import path_text
+
 DTYPES = ("auto", "fp32", "bf16")  # auto: as stored
 
 
@@ -54,18 +56,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=usage)
 
     huginn = kinds.add_parser("huginn", help="import a Huginn-0125 checkpoint directory")
-    huginn.add_argument("src", help="Huginn directory: config.json, safetensors (single or index + shards), tokenizer")
-    huginn.add_argument("dst", help="new loopformer checkpoint directory")
+    huginn.add_argument(
+        "src", type=path_text, help="Huginn directory: config.json, safetensors (single or index + shards), tokenizer"
+    )
+    huginn.add_argument("dst", type=path_text, help="new loopformer checkpoint directory")
     huginn.add_argument("--dtype", choices=DTYPES, default="auto", help="cast weights (default: as stored)")
     huginn.set_defaults(run=run_huginn)
 
     to_huginn = kinds.add_parser("to-huginn", help="export a loopformer checkpoint in the Huginn layout")
-    to_huginn.add_argument("src", help="loopformer checkpoint or run directory")
-    to_huginn.add_argument("dst", help="new Huginn directory")
+    to_huginn.add_argument("src", type=path_text, help="loopformer checkpoint or run directory")
+    to_huginn.add_argument("dst", type=path_text, help="new Huginn directory")
     to_huginn.add_argument("--max-shard-mb", type=float, default=5120.0, help="shard size limit (default: 5120)")
     to_huginn.set_defaults(run=run_to_huginn)
 
     to_hf = kinds.add_parser("to-hf", help="export a loopformer checkpoint as a transformers model (needs [hf])")
-    to_hf.add_argument("src", help="loopformer checkpoint or run directory")
-    to_hf.add_argument("dst", help="new model directory (config, safetensors, tokenizer, remote-code shims)")
+    to_hf.add_argument("src", type=path_text, help="loopformer checkpoint or run directory")
+    to_hf.add_argument(
+        "dst", type=path_text, help="new model directory (config, safetensors, tokenizer, remote-code shims)"
+    )
     to_hf.set_defaults(run=run_to_hf)

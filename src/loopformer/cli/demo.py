@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from loopformer.cli.arguments import parse_counts
+from loopformer.cli.arguments import parse_counts, path_text
 from loopformer.config import atomic_write_text
 from loopformer.errors import InputError
 from loopformer.presets import PRESETS, get_preset
@@ -83,8 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help=f"where the three runs go (default: {DEFAULT_OUT}, or {DEFAULT_OUT}-2 if taken)",
     )
-    parser.add_argument("--json", metavar="FILE", help="results JSON (default: DIR/results.json)")
-    parser.add_argument("--plot", metavar="FILE", help="accuracy-vs-loops PNG (default: DIR/accuracy.png)")
+    parser.add_argument("--json", type=path_text, metavar="FILE", help="results JSON (default: DIR/results.json)")
+    parser.add_argument(
+        "--plot", type=path_text, metavar="FILE", help="accuracy-vs-loops PNG (default: DIR/accuracy.png)"
+    )
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.cli.arguments import add_checkpoint_argument, parse_counts
+from loopformer.cli.arguments import add_checkpoint_argument, parse_counts, path_text
 from loopformer.errors import InputError
 from loopformer.table import format_table
 
@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint_argument(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group / tag) names")
     parser.add_argument("--loops", default="1,4,16", help="comma-separated loop counts (default: 1,4,16)")
-    parser.add_argument("--include-path", help="a directory of task YAMLs to add (e.g. examples/lm_eval)")
+    parser.add_argument(
+        "--include-path", type=path_text, help="a directory of task YAMLs to add (e.g. examples/lm_eval)"
+    )
     parser.add_argument(
         "--no-builtin-tasks", action="store_true", help="index only --include-path, not lm-eval's own tasks (faster)"
     )

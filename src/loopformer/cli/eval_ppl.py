@@ -8,7 +8,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from loopformer.cli.arguments import add_checkpoint_argument, add_renamed_flag, add_report_arguments, parse_counts
+from loopformer.cli.arguments import (
+    add_checkpoint_argument,
+    add_renamed_flag,
+    add_report_arguments,
+    parse_counts,
+    path_text,
+)
 from loopformer.errors import InputError
 from loopformer.training.config import BUILTIN_CORPORA, TrainConfig
 
@@ -80,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--loops", default="1,4,8,16,32", help="comma-separated loop counts (default: %(default)s)"
     )
     add_renamed_flag(parser, loops, "--depths")
-    parser.add_argument("--data", help="evaluate on this source instead of the run's validation split")
+    parser.add_argument("--data", type=path_text, help="evaluate on this source instead of the run's validation split")
     parser.add_argument("--seq-len", type=int, help="row length (default: the run's)")
     parser.add_argument("--batch-size", type=int, help="rows per batch (default: the run's batch_size)")
     parser.add_argument(

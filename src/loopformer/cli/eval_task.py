@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_counts
+from loopformer.cli.arguments import add_checkpoint_argument, add_report_arguments, parse_counts, path_text
 from loopformer.cli.generation_args import add_exit_arguments, exit_rule
 from loopformer.errors import InputError
 from loopformer.tasks.builtin import get_task
@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval-task", help="exact-match accuracy of a task checkpoint vs loop count")
     add_checkpoint_argument(parser)
-    parser.add_argument("--data", metavar="FILE", help='JSONL of {"input": ..., "target": ...} examples')
+    parser.add_argument(
+        "--data", type=path_text, metavar="FILE", help='JSONL of {"input": ..., "target": ...} examples'
+    )
     parser.add_argument("--task", help="a built-in task (default: the checkpoint's)")
     parser.add_argument("--difficulty", type=int, help="difficulty of generated examples (with --task)")
     parser.add_argument("--count", type=int, default=256, help="generated examples (default: 256)")

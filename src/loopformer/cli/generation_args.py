@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loopformer.cli.arguments import add_renamed_flag
+from loopformer.cli.arguments import add_renamed_flag, path_text
 from loopformer.config import DTYPES
 from loopformer.errors import InputError
 from loopformer.inference.criteria import ACT_DEFAULT_THRESHOLD, EXIT_CRITERIA
@@ -21,7 +21,9 @@ if TYPE_CHECKING:  # the command line imports torch only when a command runs
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """``--ckpt``, ``--ema`` and ``--dtype``: what :func:`load_engine` reads."""
-    parser.add_argument("--ckpt", required=True, help="a checkpoint directory or a run directory (uses its latest)")
+    parser.add_argument(
+        "--ckpt", type=path_text, required=True, help="a checkpoint directory or a run directory (uses its latest)"
+    )
     parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has them")
     parser.add_argument(
         "--dtype",

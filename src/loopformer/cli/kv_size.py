@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.cli.arguments import parse_counts
+from loopformer.cli.arguments import parse_counts, path_text
 from loopformer.errors import InputError
 from loopformer.presets import get_preset
 from loopformer.table import format_table
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.preset is None) == (args.ckpt is None):
         raise InputError("give either --preset NAME or --ckpt DIR.")
-    config = get_preset(args.preset) if args.preset else load_model_config(Path(args.ckpt))
+    config = get_preset(args.preset) if args.preset is not None else load_model_config(Path(args.ckpt))
     policies = [parse_slot_policy(text) for text in args.kv.split(",") if text.strip()]
     tokens = parse_counts(args.tokens, "--tokens")
     loops = parse_counts(args.loops, "--loops")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("kv-size", help="KV cache bytes per slot policy, length and depth")
     parser.add_argument("--preset", help="a preset name")
-    parser.add_argument("--ckpt", help="a checkpoint or run directory (its config)")
+    parser.add_argument("--ckpt", type=path_text, help="a checkpoint or run directory (its config)")
     parser.add_argument("--kv", default="full,ring:4,last", help="comma-separated policies (default: full,ring:4,last)")
     parser.add_argument("--tokens", default="1024", help="comma-separated lengths per row (default: 1024)")
     parser.add_argument("--loops", default="32", help="comma-separated core iteration counts (default: 32)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loopformer.cli.arguments import add_checkpoint_argument
+from loopformer.cli.arguments import add_checkpoint_argument, path_text
 from loopformer.table import format_table
 
 MIB = 2**20
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("quantize", help="weight-only int8 / int4 copy of a checkpoint for CPU inference")
     add_checkpoint_argument(parser)
-    parser.add_argument("--out", required=True, help="the new checkpoint directory (must not exist or be empty)")
+    parser.add_argument(
+        "--out", type=path_text, required=True, help="the new checkpoint directory (must not exist or be empty)"
+    )
     parser.add_argument(
         "--bits", type=int, required=True, choices=(8, 4), help="8: per-channel int8; 4: group-wise int4"
     )

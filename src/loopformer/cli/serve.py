@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from loopformer.cli.arguments import path_text
 from loopformer.cli.generation_args import add_checkpoint_arguments
 from loopformer.errors import InputError
 
@@ -104,7 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="static batches: admit new requests only when the batch is empty",
     )
-    parser.add_argument("--memory-dir", help="directory of memory files that requests may name (memory pathway)")
+    parser.add_argument(
+        "--memory-dir", type=path_text, help="directory of memory files that requests may name (memory pathway)"
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's logs"
     )

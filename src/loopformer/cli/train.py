@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from loopformer.cli.arguments import add_renamed_flag
+from loopformer.cli.arguments import add_renamed_flag, path_text
 from loopformer.config import (
     ATTENTIONS,
     DEPTH_SAMPLERS,
@@ -28,6 +28,7 @@ from loopformer.config import (
     ModelConfig,
     RecurrenceConfig,
     read_config_file,
+    shown,
 )
 from loopformer.deprecation import RENAMED, upgrade_keys
 from loopformer.errors import ConfigError
@@ -140,10 +141,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 continue
             parse, optional = field_kind(str(f.type))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
-            shown = "none" if shown is None else shown
+            default_text = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
+            default_text = "none" if default_text is None else default_text
             text = HELP.get(f.name, "")
-            helptext = text if "(default:" in text else f"{text} (default: {shown})".lstrip()
+            helptext = text if "(default:" in text else f"{text} (default: {default_text})".lstrip()
             flag = "--" + f.name.replace("_", "-")
             dest = f"{section}.{f.name}"
             if parse is bool:
@@ -187,7 +188,12 @@ def file_overrides(path: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
         f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if (s, f.name) not in SKIPPED_FIELDS
     }
     for key, value in upgrade_keys(data, set(owners), "run file").items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(
+                f"Run file {path!r}: section {key!r} must be a mapping of {SECTIONS[key].__name__} field names to "
+                f"values, got {shown(value)}."
+            )
+        if key in SECTIONS:
             fields = {f.name for f in dataclasses.fields(SECTIONS[key])}
             for name, inner in upgrade_keys(value, fields, f"run file section {key!r}").items():
                 if name == "recurrence" and key == "model" and isinstance(inner, dict):
@@ -266,8 +272,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a recurrent-depth LM. Settings: preset (or the resumed run) < --config file < flags.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: tiny)")
-    parser.add_argument("--config", help="run file (JSON/YAML): field names flat or under model/recurrence/train")
-    parser.add_argument("--out", default="runs/default", help="run directory (default: runs/default)")
+    parser.add_argument(
+        "--config", type=path_text, help="run file (JSON/YAML): field names flat or under model/recurrence/train"
+    )
+    parser.add_argument("--out", type=path_text, default="runs/default", help="run directory (default: runs/default)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step; continue with --resume")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is always written)")

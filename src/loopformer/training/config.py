@@ -137,7 +137,9 @@ class TrainConfig:
         _check_choice(owner, "schedule", self.schedule, SCHEDULES)
         _check_choice(owner, "dtype", self.dtype, DTYPES)
         for name in PATH_FIELDS:  # stored absolute, so a run can be resumed or evaluated from any folder
-            object.__setattr__(self, name, absolute_source(getattr(self, name)))
+            value = getattr(self, name)
+            _check(value is None or value.strip() != "", owner, name, value, "an empty path; name a file or folder")
+            object.__setattr__(self, name, absolute_source(value))
         _check_choice(owner, "strategy", self.strategy, STRATEGIES)
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from loopformer.checkpoint import (
     adds_halting_head,
     capture_rng,
     check_compatible,
+    check_layer_count,
     load_checkpoint,
     resolve_checkpoint,
     restore_rng,
@@ -104,6 +105,15 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + micro
 
 
+def read_source(path: Path, load_optimizer: bool) -> TrainingState:
+    """The checkpoint a run resumes or fine-tunes from (any path :func:`resolve_checkpoint` takes), refused before
+    any model is built when its config cannot fit its tensors."""
+    directory = resolve_checkpoint(path)
+    state = load_checkpoint(directory, load_optimizer=load_optimizer)
+    check_layer_count(state, directory)
+    return state
+
+
 class Trainer:
     """Train ``model_config`` under ``train_config``, writing checkpoints and metrics to ``out_dir``.
 
@@ -139,7 +149,7 @@ class Trainer:
         """The checkpoint this run starts from (resume, or init_from for fine-tuning), if any."""
         latest = self.out_dir / "checkpoints" / "latest"
         if self.resume:
-            state = load_checkpoint(resolve_checkpoint(self.out_dir))
+            state = read_source(self.out_dir, load_optimizer=True)
             self._check_shape(state.config)
             return state
         if latest.exists():
@@ -153,7 +163,7 @@ class Trainer:
     def _fine_tuning_source(self, path: Path) -> TrainingState:
         """The init_from checkpoint, its EMA weights in place of its raw ones with ``init_from_ema``. The requested
         model may add a halting head (:func:`adds_halting_head`); everything else must have the saved shape."""
-        state = load_checkpoint(resolve_checkpoint(path), load_optimizer=False)
+        state = read_source(path, load_optimizer=False)
         saved = state.config
         if adds_halting_head(saved, self.model_config):
             saved = saved.replace(halting="act", halting_input=self.model_config.halting_input)
