@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
@@ -16,12 +17,12 @@ from lm_eval.tasks import TaskManager
 from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import main
 from loopformer.errors import InputError
-from loopformer.evaluation.lm_eval_model import LoopformerLM
+from loopformer.evaluation.lm_eval_model import LoopformerLM, find_tasks
+from loopformer.evaluation.lm_eval_tasks import TASKS_DIR
 from loopformer.model import build_model
 from loopformer.tokenizer import TextTokenizer
 from support import small_config
 
-EXAMPLES = Path(__file__).parents[2] / "examples" / "lm_eval"
 TASKS = ["lf_python_choice", "lf_python_line", "lf_python_ppl"]
 TOKENIZER = TextTokenizer.byte_level()
 # zero initial state: the engine's token-by-token scoring and a plain forward start from the same state
@@ -49,7 +50,7 @@ def lm(ckpt: Path) -> LoopformerLM:
 
 @pytest.fixture(scope="module")
 def manager() -> TaskManager:
-    return TaskManager(include_path=str(EXAMPLES), include_defaults=False)
+    return find_tasks(TASKS)
 
 
 def request(*args: object) -> SimpleNamespace:
@@ -86,7 +87,7 @@ def test_greedy_is_detected(lm: LoopformerLM) -> None:
     for _ in range(3):
         ids.append(int(direct_log_probs(lm, [*ids, 0])[1][-1]))
     changed = [*ids[:-1], (ids[-1] + 1) % TOKENIZER.vocab_size]
-    (_, greedy), (_, other) = lm._score([ids, changed], [3, 3])
+    (_, greedy), (_, other) = lm._score([ids, changed], [3, 3], "loglikelihood", disable_tqdm=True)
     assert greedy and not other
 
 
@@ -151,9 +152,34 @@ def test_model_arguments_are_checked(ckpt: Path) -> None:
         LoopformerLM(ckpt=str(ckpt), kv="ring")
 
 
+def test_the_example_tasks_ship_in_the_package_and_are_found_without_lm_evals_index() -> None:
+    """The wheel carries every task file (package-data patterns), and naming only them indexes nothing else."""
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["loopformer.evaluation.lm_eval_tasks"]
+    files = {p for p in TASKS_DIR.rglob("*") if p.suffix in (".yaml", ".jsonl")}
+    assert len(files) == 6 and files == {p for pattern in patterns for p in TASKS_DIR.glob(pattern)}
+    manager = find_tasks(["loopformer_examples", *TASKS])
+    assert set(TASKS) <= set(manager.all_tasks) and "loopformer_examples" in manager.all_tags
+    assert len(manager.all_tasks) < 10  # lm-eval's own ~15,000 task files were not indexed
+    assert "hellaswag" not in find_tasks(["hellaswag"], builtin=False).all_tasks
+
+
+def test_cli_sweep_shows_progress_without_lm_evals_noise(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A bar per request type and depth; lm-eval's per-run notices and git's "not a git repository" are gone."""
+    monkeypatch.chdir(tmp_path)  # outside any git checkout, where lm-eval's `git describe` complained
+    argv = ["eval", "--ckpt", str(ckpt), "--tasks", "loopformer_examples", "--loops", "1,2", "--limit", "2"]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    for bar in ("loglikelihood (loops=1)", "generate_until (loops=2)", "loglikelihood_rolling (loops=2)"):
+        assert bar in err
+    assert "Custom kwargs" not in err and "fatal:" not in err
+
+
 def test_cli_sweeps_depths_into_one_table(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["eval", "--ckpt", str(ckpt), "--tasks", "lf_python_choice,lf_python_ppl", "--loops", "1,3"]
-    argv += ["--include-path", str(EXAMPLES), "--no-builtin-tasks", "--limit", "2"]
+    argv += ["--include-path", str(TASKS_DIR), "--no-builtin-tasks", "--limit", "2"]
     assert main([*argv, "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     cells = {(r["task"], r["metric"], r["loops"]) for r in record["results"]}

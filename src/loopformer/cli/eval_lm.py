@@ -23,17 +23,15 @@ def run(args: argparse.Namespace) -> int:
     if args.no_builtin_tasks and not args.include_path:
         raise InputError("--no-builtin-tasks leaves no task to run without --include-path.")
     try:
-        from lm_eval.tasks import TaskManager
-
-        from loopformer.evaluation.lm_eval_model import LoopformerLM, sweep_loops, sweep_table
+        from loopformer.evaluation.lm_eval_model import LoopformerLM, find_tasks, sweep_loops, sweep_table
     except ImportError:
         raise InputError("loopformer eval needs lm-eval: pip install 'loopformer[eval]'.") from None
-    manager = TaskManager(include_path=args.include_path, include_defaults=not args.no_builtin_tasks)
+    manager = find_tasks(tasks, args.include_path, builtin=not args.no_builtin_tasks)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        places = [args.include_path] if args.include_path else []
+        places = ["loopformer's example tasks", *([args.include_path] if args.include_path else [])]
         places += [] if args.no_builtin_tasks else ["lm-eval's tasks"]
-        raise InputError(f"unknown task {unknown[0]!r}: no such task in {' or '.join(places)}.")
+        raise InputError(f"unknown task {unknown[0]!r}: no such task in {', '.join(places)}.")
     lm = LoopformerLM(ckpt=args.ckpt, exit=args.exit, kv=args.kv, batch_size=args.batch_size)
     results = sweep_loops(lm, tasks, loops, manager, limit=args.limit, num_fewshot=args.num_fewshot)
     if args.json:
@@ -49,10 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group / tag) names")
     parser.add_argument("--loops", default="1,4,16", help="comma-separated loop counts (default: 1,4,16)")
     parser.add_argument(
-        "--include-path", type=path_text, help="a directory of task YAMLs to add (e.g. examples/lm_eval)"
+        "--include-path",
+        type=path_text,
+        help="a directory of task YAMLs to add to the shipped example tasks (tag loopformer_examples)",
     )
     parser.add_argument(
-        "--no-builtin-tasks", action="store_true", help="index only --include-path, not lm-eval's own tasks (faster)"
+        "--no-builtin-tasks",
+        action="store_true",
+        help="never index lm-eval's own ~15,000 task files (they are indexed only when a task is not found locally)",
     )
     parser.add_argument("--limit", type=int, help="at most this many examples per task")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")

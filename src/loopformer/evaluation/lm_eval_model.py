@@ -22,19 +22,24 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lm_eval.evaluator
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from loopformer.errors import InputError
+from loopformer.evaluation.lm_eval_tasks import TASKS_DIR
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.inference.sampling import SamplingConfig
 from loopformer.loading import load_trained_model
@@ -96,22 +101,31 @@ class LoopformerLM(LM):
         return self.engine.model.config.max_seq_len
 
     # ----- scoring ------------------------------------------------------------------------
-    def _score(self, rows: Sequence[list[int]], targets: Sequence[int]) -> list[tuple[float, bool]]:
+    def _progress(self, what: str, total: int, disable: bool) -> tqdm:
+        """A progress bar over ``total`` rows of one request type at the current depth (on stderr)."""
+        depth = "the model's loops" if self.config.loops is None else f"loops={self.config.loops}"
+        return tqdm(total=total, desc=f"{what} ({depth})", unit="row", disable=disable, leave=False)
+
+    def _score(
+        self, rows: Sequence[list[int]], targets: Sequence[int], what: str, disable_tqdm: bool
+    ) -> list[tuple[float, bool]]:
         """For each row, the summed log-probability of its last ``targets[i]`` tokens and whether each of them is
         the argmax prediction. Rows of one length are scored together, ``batch_size`` at a time."""
         by_length: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_length.setdefault(len(row), []).append(i)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for indices in by_length.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                ids = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=self.engine.device)
-                log_probs, _, predictions = self.engine.score(ids, self.config)
-                for j, i in enumerate(chunk):
-                    n = targets[i]
-                    greedy = bool((predictions[j, -n:] == ids[j, -n:]).all())
-                    results[i] = (float(log_probs[j, -n:].double().sum()), greedy)
+        with self._progress(what, len(rows), disable_tqdm) as bar:
+            for indices in by_length.values():
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    ids = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=self.engine.device)
+                    log_probs, _, predictions = self.engine.score(ids, self.config)
+                    for j, i in enumerate(chunk):
+                        n = targets[i]
+                        greedy = bool((predictions[j, -n:] == ids[j, -n:]).all())
+                        results[i] = (float(log_probs[j, -n:].double().sum()), greedy)
+                    bar.update(len(chunk))
         return results
 
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -142,7 +156,7 @@ class LoopformerLM(LM):
             row, n = self._truncated(*self._pair(*request.args))
             rows.append(row)
             targets.append(n)
-        results = self._score(rows, targets)
+        results = self._score(rows, targets, "loglikelihood", disable_tqdm)
         for request, result in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
         return results
@@ -161,7 +175,8 @@ class LoopformerLM(LM):
                 targets.append(n)
                 owner.append(index)
         totals = [0.0] * len(requests)
-        for index, (log_prob, _) in zip(owner, self._score(rows, targets), strict=True):
+        scored = self._score(rows, targets, "loglikelihood_rolling", disable_tqdm)
+        for index, (log_prob, _) in zip(owner, scored, strict=True):
             totals[index] += log_prob
         for request, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -175,16 +190,19 @@ class LoopformerLM(LM):
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         texts = [""] * len(requests)
-        for indices in groups.values():
-            config = self._generation_config(requests[indices[0]].args[1])
-            room = max(self.max_length - config.max_new_tokens, 1)
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                prompts = [[self.tokenizer.bos_id, *self.tokenizer.encode(requests[i].args[0])][-room:] for i in chunk]
-                result = self.engine.generate(prompts, config)
-                for i, output in zip(chunk, result.outputs, strict=True):
-                    texts[i] = output.text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, output.text)
+        with self._progress("generate_until", len(requests), disable_tqdm) as bar:
+            for indices in groups.values():
+                config = self._generation_config(requests[indices[0]].args[1])
+                room = max(self.max_length - config.max_new_tokens, 1)
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    bos = self.tokenizer.bos_id
+                    prompts = [[bos, *self.tokenizer.encode(requests[i].args[0])][-room:] for i in chunk]
+                    result = self.engine.generate(prompts, config)
+                    for i, output in zip(chunk, result.outputs, strict=True):
+                        texts[i] = output.text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, output.text)
+                    bar.update(len(chunk))
         return texts
 
     def _generation_config(self, gen_kwargs: dict[str, Any]) -> GenerationConfig:
@@ -236,6 +254,48 @@ def task_metrics(results: dict[str, Any]) -> dict[tuple[str, str], float]:
     return metrics
 
 
+def find_tasks(tasks: Sequence[str], include_path: str | None = None, builtin: bool = True) -> TaskManager:
+    """A TaskManager that knows ``tasks``: the shipped example tasks (:data:`TASKS_DIR`) and ``include_path`` are
+    indexed first; lm-eval's own ~15,000 task files (about 10 s) only when a task is not among them and ``builtin``
+    allows. Unknown names are left for the caller to report."""
+    paths = [str(TASKS_DIR), *([include_path] if include_path else [])]
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if not builtin or all(task in local.all_tasks for task in tasks):
+        return local
+    return TaskManager(include_path=paths)
+
+
+class _DropRepeatedNotices(logging.Filter):
+    """Drops lm-eval's per-task, per-run notice about custom-dataset kwargs, which says nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval's ``git describe`` for its results, without git's "fatal: not a git repository" on stderr."""
+    try:
+        found = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return found.stdout.strip() or None
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Silence lm-eval's noise that repeats at every depth (restored afterwards)."""
+    notices = _DropRepeatedNotices()
+    task_logger = logging.getLogger("lm_eval.api.task")
+    task_logger.addFilter(notices)
+    git_hash = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = git_hash
+        task_logger.removeFilter(notices)
+
+
 def sweep_loops(
     lm: LoopformerLM,
     tasks: Sequence[str],
@@ -249,15 +309,16 @@ def sweep_loops(
     found = []
     for depth in loops:
         lm.set_depth(depth, exit, kv)
-        output = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=task_manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            bootstrap_iters=0,
-            log_samples=False,
-        )
+        with _quiet_lm_eval():
+            output = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=task_manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
         if output is None:
             raise InputError("lm-eval returned no results.")
         for (task, metric), value in sorted(task_metrics(output).items()):

@@ -1,6 +1,6 @@
 """Write the JSONL data of the example lm-eval tasks (deterministic; the files in data/ are its output).
 
-    python examples/lm_eval/make_data.py
+    python -m loopformer.evaluation.lm_eval_tasks.make_data
 
 Three small sets built from common Python idioms, so a model trained on Python source (the benchmark LM) has
 something to get right and a random one sits at chance:
