@@ -150,6 +150,21 @@ def test_speculative_summary_reports_acceptance(capsys, ckpt: str) -> None:
     assert rc == 0 and "draft acceptance" in err
 
 
+def test_speculative_auto_says_what_it_chose_and_keeps_the_tokens(capsys, ckpt: str) -> None:
+    argv = ["generate", "--ckpt", ckpt, "--prompt", PROMPT, "--max-new-tokens", "4", "--loops", "4"]
+    rc, _, err = cli(capsys, *argv, "--speculative", "auto")
+    assert rc == 0 and "speculative auto: " in err and "plain " in err  # the probe's speeds, plain among them
+    plain = generate_json(capsys, ckpt, "--loops", "4", "--max-new-tokens", "4")
+    auto = generate_json(capsys, ckpt, "--loops", "4", "--max-new-tokens", "4", "--speculative", "auto")
+    assert [run["speculative"] for run in auto["speculative_probe"]] == [None, [1, 4], [1, 8]]
+    best = max(auto["speculative_probe"], key=lambda run: run["tokens_per_s"])["speculative"]
+    assert auto["speculative"] == (None if best is None else "{}:{}".format(*best))
+    assert auto["outputs"][0]["tokens"] == plain["outputs"][0]["tokens"]
+    chat = ["chat", "--ckpt", ckpt, "--speculative", "auto"]
+    rc, _, err = cli(capsys, *chat)
+    assert rc == 2 and "--speculative auto times the prompts of one generate call" in err
+
+
 PROMPTS = ("loop state", "a much longer prompt than the first one", "x")
 
 

@@ -15,7 +15,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from loopformer.cli.generate import summary
-from loopformer.cli.generation_args import add_generation_arguments, generation_config, load_engine, load_memory
+from loopformer.cli.generation_args import (
+    AUTO,
+    add_generation_arguments,
+    generation_config,
+    load_engine,
+    load_memory,
+)
 from loopformer.errors import InputError, LoopformerError
 from loopformer.inference.chat import Message, encode_chat, reply_stop_tokens
 
@@ -59,6 +65,8 @@ SETTINGS: dict[str, Callable[[GenerationConfig, str], GenerationConfig]] = {
 
 
 def run(args: argparse.Namespace, read: Callable[[str], str] = input) -> int:
+    if args.speculative == AUTO:
+        raise InputError("--speculative auto times the prompts of one generate call; give DRAFT:LOOKAHEAD in chat.")
     engine, path = load_engine(args)
     config = generation_config(args, stop_tokens=reply_stop_tokens(engine.tokenizer))
     memory = load_memory(args, engine)

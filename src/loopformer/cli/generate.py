@@ -7,11 +7,18 @@ print in order. ``--json`` prints one object with the texts, tokens, iterations 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import TYPE_CHECKING
 
-from loopformer.cli.generation_args import add_generation_arguments, generation_config, load_engine, load_memory
+from loopformer.cli.generation_args import (
+    AUTO,
+    add_generation_arguments,
+    generation_config,
+    load_engine,
+    load_memory,
+)
 from loopformer.errors import InputError
 from loopformer.inference.chat import encode_prompt
 
@@ -38,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
     config = generation_config(args)
     memory = load_memory(args, engine)
     prompts = [encode_prompt(engine.tokenizer, text) for text in args.prompt]
+    probe = None
+    if args.speculative == AUTO:
+        from loopformer.inference.speculative_probe import probe_speculative
+
+        probe = probe_speculative(engine, prompts, config, memory)
+        config = dataclasses.replace(config, speculative=probe.best.speculative)
+        if not (args.quiet or args.json):
+            print(probe.describe(), file=sys.stderr)
     if args.json:
         result = engine.generate(prompts, config, memory=memory)
         record = {
@@ -45,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             "loops": engine.resolve_loops(config),
             "exit": config.exit.label if config.exit else None,
             "kv": config.kv.label,
-            "speculative": args.speculative,
+            "speculative": None if config.speculative is None else "{}:{}".format(*config.speculative),
+            "speculative_probe": None if probe is None else [dataclasses.asdict(run) for run in probe.runs],
             "seconds": result.seconds,
             "tokens_per_s": result.new_tokens / result.seconds if result.seconds > 0 else None,
             "mean_loops_per_token": result.mean_loops,
@@ -73,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{text}{output.text}\n")
     if not args.quiet:
         print(summary(result), file=sys.stderr)
+        if config.speculative is not None and probe is None:
+            from loopformer.inference.speculative_probe import slower_than_plain
+
+            notice = slower_than_plain(engine, prompts, config, result, memory)
+            if notice:
+                print(notice, file=sys.stderr)
     return 0
 
 

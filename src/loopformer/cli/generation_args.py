@@ -42,7 +42,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     depth.add_argument("--force", action="store_true", help="allow --loops above 4096 (minutes per token)")
     depth.add_argument("--kv", default="full", help="KV slot policy: full, last or ring:K (default: full)")
     depth.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
-    depth.add_argument("--speculative", metavar="DRAFT:LOOKAHEAD", help="self-speculative decoding, e.g. 4:8")
+    depth.add_argument(
+        "--speculative",
+        metavar="DRAFT:LOOKAHEAD|auto",
+        help="self-speculative decoding, e.g. 4:8 (draft at 4 loops, 8 tokens ahead); auto (generate): time plain "
+        "decoding and a few settings on a 16-token probe of the prompts and keep the fastest",
+    )
     depth.add_argument(
         "--compile",
         action="store_true",
@@ -91,9 +96,13 @@ def exit_rule(args: argparse.Namespace) -> ExitRule | None:
     return parse_exit_rule(args.exit, min_loops=args.min_loops, check_every=args.check_every)
 
 
+AUTO = "auto"
+
+
 def parse_speculative(text: str | None) -> tuple[int, int] | None:
-    """``"4:8"`` -> (4, 8): draft with 4 iterations, 8 tokens ahead."""
-    if text is None:
+    """``"4:8"`` -> (4, 8): draft with 4 iterations, 8 tokens ahead; ``auto`` is None here (``generate`` picks the
+    setting from a probe)."""
+    if text is None or text == AUTO:
         return None
     draft, _, ahead = text.partition(":")
     if not (draft.strip().isdigit() and ahead.strip().isdigit()):
