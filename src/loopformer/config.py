@@ -24,6 +24,7 @@ from loopformer.filemode import as_created
 
 NORM_LAYOUTS = ("sandwich", "pre")
 ROPE_STYLES = ("half", "interleaved")
+ROPE_PRECISIONS = ("fp64", "fp32")  # of the RoPE angles before cos / sin; fp32 is Huginn's own table
 INJECTIONS = ("concat", "add", "lti")
 STATE_INITS = ("like-init", "zero")
 LOOP_EMBEDDINGS = ("none", "sinusoidal", "learned")
@@ -134,6 +135,7 @@ class ModelConfig:
     norm_layout: str = "sandwich"
     rope_style: str = "half"
     rope_base: float = 10000.0
+    rope_precision: str = "fp64"
     qk_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
@@ -234,6 +236,7 @@ class ModelConfig:
             _check(self.sliding_window >= 1, owner, "sliding_window", self.sliding_window, "must be None or >= 1")
         _check_choice(owner, "norm_layout", self.norm_layout, NORM_LAYOUTS)
         _check_choice(owner, "rope_style", self.rope_style, ROPE_STYLES)
+        _check_choice(owner, "rope_precision", self.rope_precision, ROPE_PRECISIONS)
         _check_choice(owner, "injection", self.injection, INJECTIONS)
         _check_choice(owner, "state_init", self.state_init, STATE_INITS)
         _check_choice(owner, "loop_embedding", self.loop_embedding, LOOP_EMBEDDINGS)

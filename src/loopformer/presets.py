@@ -90,6 +90,7 @@ HUGINN_3_5B = ModelConfig(
     norm_layout="sandwich",
     rope_style="interleaved",
     rope_base=50000.0,
+    rope_precision="fp32",  # Huginn-0125's own table
     qk_bias=True,
     max_seq_len=4096,
     tie_embeddings=True,

@@ -20,7 +20,7 @@ from loopformer.checkpoint import TrainingState, write_checkpoint_dir
 from loopformer.cli import main
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
-from loopformer.inference.chat import Message, encode_chat
+from loopformer.inference.chat import Message, encode_chat, encode_prompt
 from loopformer.inference.engine import Engine, GenerationConfig
 from loopformer.interop import hf
 from loopformer.interop.hf import LoopformerForCausalLM, LoopSession
@@ -109,6 +109,24 @@ def test_the_cache_grows_past_its_first_allocation(model: LoopformerForCausalLM,
     assert out[:, ids.shape[1] :].tolist() == ours
 
 
+def test_hidden_states_are_the_embeddings_then_the_state_after_each_loop(model: LoopformerForCausalLM) -> None:
+    ids, mask = padded_batch()
+    out = model(ids, attention_mask=mask, loops=3, output_hidden_states=True)
+    hidden = out.hidden_states
+    assert len(hidden) == 4 and all(h.shape == (*ids.shape, CONFIG.dim) for h in hidden)
+    assert torch.equal(hidden[0], model.model.tok_emb(ids))
+    with torch.no_grad():
+        ctx = model.model.context(ids, attention_mask=hf._padded_mask(mask, None))
+        for loops in (1, 2, 3):  # decoding the state after i loops gives the logits of a forward at depth i
+            logits = model(ids, attention_mask=mask, loops=loops).logits
+            torch.testing.assert_close(model.model.decode(hidden[loops], ctx), logits)
+    assert model(ids, attention_mask=mask, loops=3).hidden_states is None  # only on request
+    with pytest.raises(InputError, match="hidden states come from a forward pass"):
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=2, output_hidden_states=True, return_dict_in_generate=True
+        )
+
+
 def test_training_forward_has_a_loss_with_gradients(model: LoopformerForCausalLM) -> None:
     trainable = LoopformerForCausalLM.wrap(build_model(CONFIG, seed=1)).train()
     ids, _ = padded_batch()
@@ -143,7 +161,12 @@ chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], 
 ids, mask = torch.tensor(ids), torch.tensor(mask)
 out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, loops=4, pad_token_id=0)
 chat = chat["input_ids"] if hasattr(chat, "keys") else chat  # transformers 5 returns an encoding, 4 a list
-print(json.dumps({"tokens": out[:, ids.shape[1]:].tolist(), "chat": chat}))
+prompt = tokenizer(sys.argv[5], return_tensors="pt")
+reply = model.generate(**prompt, max_new_tokens=new, do_sample=False, loops=4)
+print(json.dumps({
+    "tokens": out[:, ids.shape[1]:].tolist(), "chat": chat, "prompt": prompt["input_ids"][0].tolist(),
+    "reply": reply[0, prompt["input_ids"].shape[1]:].tolist(),
+}))
 """
 
 
@@ -154,10 +177,14 @@ def test_export_loads_offline_in_a_fresh_process(model: LoopformerForCausalLM, t
     assert main(["convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     ids, mask = padded_batch()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
-    args = [str(tmp_path / "hf"), json.dumps(ids.tolist()), json.dumps(mask.tolist()), str(NEW)]
+    text = "The capital of France is"
+    args = [str(tmp_path / "hf"), json.dumps(ids.tolist()), json.dumps(mask.tolist()), str(NEW), text]
     run = subprocess.run([sys.executable, "-c", FRESH, *args], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["tokens"] == engine_tokens(model, ids, mask, loops=4)
     assert result["chat"] == encode_chat(tokenizer, [Message("user", "Hi there")])
+    prompt = encode_prompt(tokenizer, text)  # what `loopformer generate --prompt` feeds the engine: bos first
+    assert result["prompt"] == prompt and prompt[0] == tokenizer.bos_id
+    assert result["reply"] == engine_tokens(model, torch.tensor([prompt]), torch.ones(1, len(prompt)), loops=4)[0]
     assert main(["convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2  # the target exists

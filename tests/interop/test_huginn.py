@@ -22,9 +22,11 @@ from loopformer.cli import main
 from loopformer.config import ModelConfig
 from loopformer.errors import InputError
 from loopformer.inference.chat import Message, encode_chat, reply_stop_tokens
-from loopformer.interop.huginn import config_to_huginn, export_huginn, import_huginn
+from loopformer.interop.huginn import config_from_huginn, config_to_huginn, export_huginn, import_huginn, rope_table
 from loopformer.loading import load_trained_model
 from loopformer.model import build_model
+from loopformer.nn.attention import AttentionContext
+from loopformer.nn.rope import rope_angles
 from loopformer.tokenizer import TextTokenizer, TokenRoles
 
 H, HEADS, INNER, VOCAB, CONTEXT = 32, 4, 48, 272, 64
@@ -88,7 +90,6 @@ def huginn_config(**changes: object) -> dict:
         "sampling_scheme": "poisson-lognormal-filling",
         "state_init": "like-init",
         "tie_embeddings": True,
-        "tie_word_embeddings": True,
         "torch_dtype": "float32",
         "transformers_version": "4.44.2",
         "vocab_size": VOCAB,
@@ -119,9 +120,17 @@ def huginn_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     tensors["transformer.adapter.weight"] = rand(H, 2 * H)
     tensors["transformer.ln_f.weight"] = 1 + rand(H, scale=0.1)
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()  # stored twice, as on the hub
-    angles = torch.arange(CONTEXT, dtype=torch.float64)[:, None] / 50000 ** (torch.arange(0, hd, 2) / hd)
-    tensors["freqs_cis"] = torch.stack((angles.cos(), angles.sin()), dim=-1)[None, :, None].float()
+    tensors["freqs_cis"] = huginn_rope_table(CONTEXT, hd, 50000.0)
     return tensors
+
+
+def huginn_rope_table(length: int, head_dim: int, theta: float) -> torch.Tensor:
+    """``freqs_cis`` [1, T, 1, head_dim / 2, 2] as Huginn's code builds it: all in float32 on the CPU, the inverse
+    frequencies as 1 / theta^(2i / head_dim), the angles as their products with the float32 positions."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    inverse = 1.0 / theta**exponents
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inverse)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)[None, :, None]
 
 
 def huginn_tokenizer() -> Tokenizer:
@@ -249,6 +258,7 @@ def test_imported_config_and_layout(imported: Path) -> None:
     assert (cfg.dim, cfg.n_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size) == (H, HEADS, H // HEADS, INNER, VOCAB)
     assert (cfg.n_prelude, cfg.n_core, cfg.n_coda, cfg.max_seq_len) == (1, 2, 1, CONTEXT)
     assert (cfg.rope_style, cfg.rope_base, cfg.qk_bias, cfg.embed_scale) == ("interleaved", 50000.0, True, True)
+    assert cfg.rope_precision == "fp32"  # a real Huginn config.json has no loopformer_rope_precision
     assert (cfg.norm_layout, cfg.injection, cfg.tie_embeddings) == ("sandwich", "concat", True)
     assert (cfg.recurrence.mean_loops, cfg.recurrence.backprop_loops) == (4, 2)
     assert set(state.model) == set(build_model(cfg, device="meta").state_dict())  # the embedding once, no head
@@ -293,8 +303,7 @@ def test_round_trip_huginn_to_ours_to_huginn_is_exact(source, imported: Path, tm
             written.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
     original = source[1]
     assert written.keys() == original.keys()
-    assert all(torch.equal(written[k], original[k]) for k in original if k != "freqs_cis")
-    torch.testing.assert_close(written["freqs_cis"], original["freqs_cis"], rtol=0, atol=1e-5)
+    assert all(torch.equal(written[k], original[k]) for k in original)  # freqs_cis too: Huginn's fp32 table
     config = json.loads((out / "config.json").read_text())
     expected = huginn_config()
     assert {k: config[k] for k in expected if k in config and k != "torch_dtype"} == {
@@ -302,6 +311,40 @@ def test_round_trip_huginn_to_ours_to_huginn_is_exact(source, imported: Path, tm
     }
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert (tokenizer_config["bos_token"], tokenizer_config["chat_template"]) == ("<|begin_text|>", TEMPLATE)
+
+
+def test_the_export_loads_in_a_config_class_that_sets_tie_word_embeddings_itself(imported: Path, tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+
+    class RavenLike(transformers.PretrainedConfig):
+        """As Huginn's RavenConfig does: tie_embeddings is its own field and it passes tie_word_embeddings on."""
+
+        model_type = "huginn_raven"
+
+        def __init__(self, tie_embeddings: bool = True, **kwargs: object) -> None:
+            self.tie_embeddings = tie_embeddings
+            super().__init__(tie_word_embeddings=tie_embeddings, **kwargs)
+
+    out = export_huginn(imported, tmp_path / "huginn")
+    assert "tie_word_embeddings" not in json.loads((out / "config.json").read_text())
+    config = RavenLike.from_pretrained(str(out))
+    assert config.tie_embeddings is True and config.tie_word_embeddings is True
+
+
+def test_imported_rope_is_huginns_fp32_table_at_huginn_0125_geometry() -> None:
+    """head_dim 96, theta 50000, 4096 positions: the imported model rotates with Huginn's own float32 table (and
+    exports it), which the fp64-rounded angles of our own models miss by about 2e-4 near the end."""
+    data = huginn_config(
+        n_embd=96, n_heads=1, head_dim=96, num_attention_heads=1, num_key_value_heads=1, block_size=4096
+    )
+    del data["init_values"]  # its embed_scale is sqrt(n_embd) of the small model; the default fits n_embd=96
+    config = config_from_huginn(data)
+    reference = huginn_rope_table(4096, 96, 50000.0)
+    ctx = AttentionContext.for_sequence(config, 4096, torch.device("cpu"))
+    torch.testing.assert_close(torch.stack((ctx.cos, ctx.sin), dim=-1), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rope_table(config), reference, rtol=0, atol=1e-6)
+    fp64 = torch.stack(rope_angles(torch.arange(4096), 96, 50000.0, "fp64"), dim=-1)
+    assert (fp64 - reference)[:, 4080:].abs().max() > 1e-4  # the precision this test pins down matters there
 
 
 def test_round_trip_ours_to_huginn_to_ours_is_exact(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from loopformer.config import (
     LOOP_EMBEDDINGS,
     LOOP_OVERFLOW_POLICIES,
     NORM_LAYOUTS,
+    ROPE_PRECISIONS,
     ROPE_STYLES,
     STATE_INITS,
     ModelConfig,
@@ -60,7 +61,8 @@ HELP = {
     "vocab_size": "set from the tokenizer for new runs (padded to a multiple of 64)",
     # choices, with what each means
     "norm_layout": "sandwich: norms before and after attention / MLP (Huginn); pre: pre-norm only",
-    "rope_style": "half: rotate the two halves of a head (Llama, Huginn); interleaved: rotate adjacent pairs",
+    "rope_style": "half: rotate the two halves of a head (Llama); interleaved: rotate adjacent pairs (Huginn)",
+    "rope_precision": "precision of the RoPE angles before cos / sin: fp64, or fp32 as Huginn-0125 computes them",
     "injection": "how the encoded input re-enters every loop: concat (Huginn's adapter over [state, input]), add, "
     "lti (Parcae's linear time-invariant update, stable by construction)",
     "state_init": "the first loop's state: like-init (random, the std below) or zero",
@@ -90,6 +92,7 @@ HELP = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "norm_layout": NORM_LAYOUTS,
     "rope_style": ROPE_STYLES,
+    "rope_precision": ROPE_PRECISIONS,
     "injection": INJECTIONS,
     "state_init": STATE_INITS,
     "loop_embedding": LOOP_EMBEDDINGS,

@@ -188,6 +188,7 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
         state_seed: int | None = None,
         loop_session: LoopSession | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
         num_steps: int | None = None,
         **kwargs: Any,  # what transformers adds for every model (return_dict, output_attentions, ...): unused
     ) -> CausalLMOutputWithPast:
@@ -196,10 +197,19 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
         With a ``loop_session`` (inside :meth:`generate`) only the last position's logits are returned. Without one,
         the whole sequence runs at a fixed depth: in eval mode from our engine's initial states (so that it agrees
         with cached decoding), in training mode from random ones as in our trainer.
+
+        ``output_hidden_states`` (default: the config's) returns ``loops + 1`` tensors [B, T, dim]: the input
+        embeddings (``get_input_embeddings()(input_ids)``), then the latent state after each iteration, so that
+        ``hidden_states[i]`` (i >= 1) is the state after i iterations and ``hidden_states[-1]`` the one the coda
+        decodes (with ACT halting the logits decode the halting mixture instead). ``generate`` refuses them.
         """
         loops = keyword_alias(loops, num_steps, "num_steps", "loops")
         options = {"loops": loops, "exit": exit, "kv": kv, "warm_start": warm_start, "state_seed": state_seed}
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if loop_session is not None and use_cache is not False:
+            if output_hidden_states:
+                raise InputError("hidden states come from a forward pass; generate() decodes without them.")
             logits = loop_session.advance(self.loop_engine(), input_ids, attention_mask, options)
             return CausalLMOutputWithPast(logits=logits)
         if exit is not None or warm_start:
@@ -212,8 +222,16 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
             real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             positions = (real.cumsum(dim=1) - 1).clamp_min(0)
             initial_state = self.loop_engine().initial_state(positions, state_seed or 0)
-        out = self.model(input_ids, loops, labels, attention_mask=mask, initial_state=initial_state)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        out = self.model(
+            input_ids,
+            loops,
+            labels,
+            attention_mask=mask,
+            initial_state=initial_state,
+            return_states=output_hidden_states,
+        )
+        hidden = (self.get_input_embeddings()(input_ids), *out.states) if output_hidden_states else None
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, hidden_states=hidden)
 
     def prepare_inputs_for_generation(
         self,
@@ -224,10 +242,11 @@ class LoopformerForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """The whole sequence so far and the session; transformers' own cache argument (whatever this version
-        calls it) is not passed on."""
+        calls it) is not passed on, ``output_hidden_states`` is (transformers 5 hands it over here)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
         inputs["loop_session"] = loop_session if use_cache is not False else None
-        inputs.update({name: kwargs[name] for name in LOOP_OPTIONS if kwargs.get(name) is not None})
+        names = (*LOOP_OPTIONS, "output_hidden_states")
+        inputs.update({name: kwargs[name] for name in names if kwargs.get(name) is not None})
         return inputs
 
     @torch.no_grad()

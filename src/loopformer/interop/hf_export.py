@@ -4,7 +4,8 @@
     model.safetensors           the weights (save_pretrained)
     configuration_loopformer.py, modeling_loopformer.py
                                 remote-code shims: they import the classes from the installed loopformer package
-    tokenizer.json, tokenizer_config.json    when the checkpoint has a tokenizer
+    tokenizer.json, tokenizer_config.json    when the checkpoint has a tokenizer; it adds the bos token before a
+                                text, as our engine does, so tokenizer(text) gives the engine's prompt ids
 
 The shims import ``loopformer`` rather than carry a copy of the model code: there stays one implementation, and a
 machine without the package gets transformers' own message naming the missing package (``pip install
@@ -18,7 +19,7 @@ from pathlib import Path
 from loopformer import __version__
 from loopformer.checkpoint import staged_directory
 from loopformer.interop.hf import LoopformerForCausalLM
-from loopformer.interop.tokenizer_files import write_tokenizer_files
+from loopformer.interop.tokenizer_files import bos_first, write_tokenizer_files
 from loopformer.loading import load_trained_model
 from loopformer.tokenizer import TextTokenizer
 
@@ -59,6 +60,6 @@ def export_hf(src: Path, dst: Path) -> Path:
         for file, name in SHIMS.items():
             (tmp / file).write_text(_shim(name), encoding="utf-8")
         if tokenizer is not None:
-            extra = {"model_max_length": model.config.max_seq_len}
-            write_tokenizer_files(tmp, state.tokenizer_json, tokenizer.roles, extra)
+            extra = {"model_max_length": model.config.max_seq_len, "add_bos_token": True, "add_eos_token": False}
+            write_tokenizer_files(tmp, bos_first(tokenizer), tokenizer.roles, extra)
     return Path(dst)

@@ -12,8 +12,10 @@ The layout is the one ../shared/REFERENCE.md section 2 describes. Most tensors m
 
 and two are split: ``attn.qk_bias`` [2, 1, H, head_dim] -> ``attn.q_bias``, ``attn.k_bias`` [H, head_dim], and
 ``transformer.adapter.weight`` [h, 2h] on cat[state, e] -> ``injection.state_proj`` | ``injection.input_proj``.
-``freqs_cis`` (precomputed interleaved RoPE) is dropped on import (our RoPE is recomputed from ``rope_base``) and
-written on export. Import streams the source shard by shard; export writes shard by shard.
+``freqs_cis`` (precomputed interleaved RoPE) is dropped on import and written on export: our RoPE is recomputed from
+``rope_base``, in fp32 as Huginn's code computes its table (``rope_precision: fp32``). An export records the model's
+``rope_precision`` under :data:`ROPE_PRECISION_KEY`, which Huginn's code ignores and a real Huginn config lacks. Import
+streams the source shard by shard; export writes shard by shard.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from loopformer.tokenizer import TextTokenizer, TokenRoles
 
 MODEL_TYPE = "huginn_raven"
 ROPE_KEY = "freqs_cis"
+ROPE_PRECISION_KEY = "loopformer_rope_precision"  # absent from Huginn's own configs: fp32, as its code computes RoPE
 DEFAULT_SHARD_BYTES = 5 * 2**30
 _PARTS = (
     ("transformer.prelude", "prelude", "n_prelude"),
@@ -171,6 +174,7 @@ def config_from_huginn(data: Any) -> ModelConfig:
             norm_layout="sandwich",
             rope_style="interleaved",
             rope_base=float(values["rope_base"]),
+            rope_precision=data.get(ROPE_PRECISION_KEY, "fp32"),
             qk_bias=values["qk_bias"],
             max_seq_len=values["block_size"],
             tie_embeddings=values["tie_embeddings"],
@@ -209,10 +213,10 @@ def config_to_huginn(config: ModelConfig, torch_dtype: str = "float32") -> dict[
         "vocab_size": config.vocab_size,
         "padded_vocab_size": config.vocab_size,
         "intermediate_size": config.mlp_hidden,
-        "tie_embeddings": config.tie_embeddings,
-        "tie_word_embeddings": config.tie_embeddings,
+        "tie_embeddings": config.tie_embeddings,  # not tie_word_embeddings: RavenConfig passes that one itself
         "norm_eps": config.norm_eps,
         "rope_base": config.rope_base,
+        ROPE_PRECISION_KEY: config.rope_precision,
         "qk_bias": config.qk_bias,
         "mean_recurrence": config.recurrence.mean_loops,
         "mean_backprop_depth": config.recurrence.backprop_loops,
@@ -281,7 +285,7 @@ def _join(name: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 def rope_table(config: ModelConfig) -> torch.Tensor:
     """Huginn's ``freqs_cis`` [1, T, 1, head_dim / 2, 2]: (cos, sin) of the interleaved RoPE angles, fp32."""
-    cos, sin = rope_angles(torch.arange(config.max_seq_len), config.head_dim, config.rope_base)
+    cos, sin = rope_angles(torch.arange(config.max_seq_len), config.head_dim, config.rope_base, config.rope_precision)
     return torch.stack((cos, sin), dim=-1)
 
 

@@ -1,8 +1,8 @@
 """Hugging Face tokenizer side files (``tokenizer_config.json``) <-> :class:`TokenRoles`.
 
-An export writes ``tokenizer.json`` unchanged and a ``tokenizer_config.json`` that Hugging Face reads (bos / eos / pad
-tokens and a Jinja chat template) and that also keeps our roles under :data:`ROLES_KEY`, so that converting back
-restores them exactly.
+An export writes ``tokenizer.json`` (unchanged, or with :func:`bos_first` for transformers) and a
+``tokenizer_config.json`` that Hugging Face reads (bos / eos / pad tokens and a Jinja chat template) and that also
+keeps our roles under :data:`ROLES_KEY`, so that converting back restores them exactly.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import tokenizers
+from tokenizers import processors
+
 from loopformer.config import atomic_write_text
 from loopformer.errors import InputError
-from loopformer.tokenizer import TokenRoles
+from loopformer.tokenizer import TextTokenizer, TokenRoles
 
 CONFIG = "tokenizer_config.json"
 ROLES_KEY = "loopformer_token_roles"
@@ -60,6 +63,18 @@ def chat_template(roles: TokenRoles) -> str:
         f"{{{{ {json.dumps(roles.end_of_turn)} }}}}{{% endfor %}}"
         "{% if add_generation_prompt %}{{ openings['assistant'] }}{% endif %}"
     )
+
+
+def bos_first(tokenizer: TextTokenizer) -> str:
+    """``tokenizer.json`` text whose post-processor puts the bos token before a text (and before each of a pair),
+    so that Hugging Face's ``tokenizer(text)`` gives the ids of our engine's prompts (``encode_prompt``); any other
+    post-processing of the original is dropped. Our own encoding adds nothing, so it reads this file unchanged."""
+    inner = tokenizers.Tokenizer.from_str(tokenizer.to_json())
+    bos = tokenizer.roles.bos
+    inner.post_processor = processors.TemplateProcessing(
+        single=[bos, "$A"], pair=[bos, "$A", bos, "$B:1"], special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    return inner.to_str()
 
 
 def write_tokenizer_files(directory: Path, tokenizer_json: str, roles: TokenRoles, extra: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ class AttentionContext:
         cache: KVExchange | None = None,
     ) -> AttentionContext:
         """Context for tokens at ``positions`` ([T] or [B, T]) with an explicit ``mask`` and optional KV cache."""
-        cos, sin = rope_angles(positions, config.rope_dim, config.rope_base)
+        cos, sin = rope_angles(positions, config.rope_dim, config.rope_base, config.rope_precision)
         return cls(cos, sin, mask, cache, tables=rope_tables(cos, sin, config.rope_style))
 
     @classmethod

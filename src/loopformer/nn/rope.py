@@ -5,11 +5,22 @@ from __future__ import annotations
 import torch
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, shape ``[B or 1, T, 1, head_dim // 2]`` (fp32), for ``positions`` [T] or [B, T]."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, base: float, precision: str = "fp64"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, shape ``[B or 1, T, 1, head_dim // 2]`` (fp32), for ``positions`` [T] or [B, T].
+
+    ``precision`` is that of the angles ``position * base^(-2i / head_dim)`` before cos / sin: ``fp64`` rounds them
+    to fp32 once; ``fp32`` follows Huginn's own table (``1 / base^(2i / head_dim)`` and the product in fp32, the
+    frequencies computed on the CPU as Huginn does), which differs by up to a few 1e-4 at position 4095.
+    """
     pos = positions if positions.dim() == 2 else positions[None]
-    angles = (pos.double()[..., None] * inv_freq).float()
+    if precision == "fp32":
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = pos.float()[..., None] * inv_freq.to(positions.device)
+    else:
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+        angles = (pos.double()[..., None] * inv_freq).float()
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
