@@ -109,7 +109,7 @@ class TokenRoles:
         return cls(**data)
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """The reversible byte -> printable character map that the ByteLevel pre-tokenizer and decoder use.
 
     Printable Latin-1 bytes map to themselves; the other 68 bytes map, in byte order, to ``chr(256 + k)``.
@@ -148,7 +148,7 @@ class TextTokenizer:
     def byte_level(cls) -> TextTokenizer:
         """The 14 specials (ids 0..13) and the 256 bytes (id ``14 + byte``), no merges: 270 ids."""
         vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-        for byte, char in _byte_to_unicode().items():
+        for byte, char in byte_to_unicode().items():
             vocab[char] = len(SPECIAL_TOKENS) + byte
         inner = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
         cls._configure(inner)

@@ -6,6 +6,7 @@ reference), never with fixed strings.
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -18,8 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loopformer.cli.generation_args import add_generation_arguments
 from loopformer.inference.chat import Message, encode_chat, encode_prompt, reply_stop_tokens
 from loopformer.inference.engine import Engine, GenerationConfig
+from loopformer.inference.sampling import SamplingConfig
+from loopformer.serve.settings import default_effort
 from serve.live import EFFORT, MEMORY_DIM, MODEL, LiveServer, live_server
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is a loop?"}]
@@ -132,6 +136,29 @@ def test_per_request_depth_changes_the_mean_loops_reported(client: openai.OpenAI
     assert mean_loops(loops=8, exit="latent-diff:0.3") == pytest.approx(sum(early.loops) / len(early.loops))
 
 
+def test_openais_lowest_effort_names_are_served_by_default(engine: Engine) -> None:
+    levels = default_effort(3)
+    with live_server(engine, effort=levels) as live:
+        for name in ("none", "minimal"):
+            result = live.client().chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=2, temperature=0, reasoning_effort=name
+            )
+            assert result.usage.mean_loops_per_token == pytest.approx(levels[name])
+
+
+def test_omitted_sampling_fields_take_the_documented_defaults(client: openai.OpenAI, engine: Engine) -> None:
+    """The server samples at temperature 1 (OpenAI's default), loopformer generate is greedy (docs/serving.md)."""
+    prompt = encode_prompt(engine.tokenizer, "loop state")
+    result = client.completions.create(model=MODEL, prompt="loop state", max_tokens=12, seed=7)
+    sampled = reference(engine, prompt, sampling=SamplingConfig(temperature=1.0, seed=7))
+    assert result.choices[0].text == sampled.text
+    assert sampled.tokens != reference(engine, prompt).tokens  # so the default is not greedy
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    cli = parser.parse_args(["--ckpt", "lm"])
+    assert (cli.temperature, cli.top_p, cli.top_k, cli.min_p, cli.repetition_penalty) == (0.0, None, None, None, 1.0)
+
+
 def test_kv_policy_and_memory_per_request(client: openai.OpenAI, engine: Engine, memory_dir: Path) -> None:
     prompt = encode_prompt(engine.tokenizer, "loop state")
     ring = client.completions.create(
@@ -184,7 +211,7 @@ def error_of(response: httpx.Response) -> dict:
         ({"model": MODEL, "prompt": "x", "min_steps": 2}, 400, "unknown field min_steps"),
         ({"model": MODEL, "prompt": "x", "kv": "ring:99999999999999999999"}, 400, "above 1,000,000"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
-        ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "does not support suffix"),
         ({"model": MODEL, "prompt": "x", "memory": [[1.0, 2.0]]}, 400, "6 numbers"),
         ({"model": MODEL, "prompt": "x", "memory": "../secret.npy"}, 400, "no memory file"),
         ({"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),

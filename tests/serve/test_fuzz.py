@@ -42,6 +42,7 @@ needs_schemathesis = pytest.mark.skipif(schemathesis is None, reason="schemathes
 # small limits: an accepted request generates at most 4 tokens for at most 4 choices at most 4 loops deep
 LIMITS = {"max_loops": 4, "effort": {"low": 1, "medium": 3, "high": 4}, "max_tokens": 4, "max_choices": 4}
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+TOKENIZE, DETOKENIZE = "/tokenize", "/detokenize"
 
 
 class Faults(logging.Handler):
@@ -159,7 +160,6 @@ SHARED: dict[str, st.SearchStrategy] = {
     "exit": st.sampled_from(["kl:5e-4", "latent-diff:0.03", "act:0.99", "kl:nan", "kl:-1", "bogus", "kl", ""]),
     "kv": st.sampled_from(["full", "last", "ring:2", "ring:0", "ring:-1", "ring:99", "ring:x", ""]),
     "memory": memory,
-    "logprobs": st.sampled_from([None, False, 0, True, 5]),
     "presence_penalty": st.sampled_from([None, 0, 0.5]),
     "frequency_penalty": st.sampled_from([None, 0, -1.0]),
     "logit_bias": st.sampled_from([None, {}, {"5": 1.0}]),
@@ -167,6 +167,7 @@ SHARED: dict[str, st.SearchStrategy] = {
 }
 COMPLETION_FIELDS = {
     **SHARED,
+    "logprobs": st.sampled_from([None, False, 0, 1, 5, 20, 21, -1, True]),
     "echo": st.booleans(),
     "suffix": st.none() | texts,
     "best_of": st.sampled_from([None, 1, 2]),
@@ -196,6 +197,8 @@ message = st.fixed_dictionaries(
 )
 CHAT_FIELDS = {
     **SHARED,
+    "logprobs": st.sampled_from([None, False, True, 0, 5]),
+    "top_logprobs": counts | st.sampled_from([20, 21]),
     "max_completion_tokens": counts,
     "tools": st.none()
     | st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": function}), max_size=2),
@@ -253,6 +256,26 @@ def test_any_completion_body_is_answered_or_refused(client: TestClient, faults: 
 )
 def test_any_chat_body_is_answered_or_refused(client: TestClient, faults: Faults, body: Any) -> None:
     check_response(post(client, CHAT, body), faults)
+
+
+TOKENIZER_FIELDS = {
+    "model": field(st.just(MODEL) | texts),
+    "prompt": field(st.none() | texts),
+    "add_special_tokens": field(st.booleans()),
+    "messages": field(st.none() | st.lists(message, max_size=3)),
+    "add_generation_prompt": field(st.booleans()),
+    "tools": CHAT_FIELDS["tools"],
+    "tokens": field(token_ids | st.lists(st.sampled_from([-(2**63), 2**64, 10**30, 269]), max_size=3)),
+}
+
+
+@profile(60)
+@given(path=st.sampled_from([TOKENIZE, DETOKENIZE]), body=st.fixed_dictionaries({}, optional=TOKENIZER_FIELDS))
+@example(path=TOKENIZE, body={"prompt": "\udcff"})
+@example(path=TOKENIZE, body={"messages": [{"role": "user", "content": "\udcff"}], "add_generation_prompt": False})
+@example(path=DETOKENIZE, body={"tokens": [2**64]})
+def test_any_tokenizer_body_is_answered_or_refused(client: TestClient, faults: Faults, path: str, body: Any) -> None:
+    check_response(post(client, path, body), faults)
 
 
 def test_the_fuzzed_server_answers_a_plain_request(client: TestClient, faults: Faults) -> None:
@@ -326,10 +349,11 @@ def schema(app: FastAPI) -> Any:
 # (method, path, mode): the bodies valid and invalid by the schema; a GET has no input the schema can refuse
 CASES = [
     (method, path, mode)
-    for method, path in [("POST", COMPLETIONS), ("POST", CHAT)]
+    for method, path in [("POST", COMPLETIONS), ("POST", CHAT), ("POST", TOKENIZE), ("POST", DETOKENIZE)]
     for mode in ("positive", "negative")
 ]
 CASES += [("GET", "/v1/models/{model_id}", "positive"), ("GET", "/health", "positive")]
+CASES += [("GET", "/tokenizer_info", "positive")]
 
 
 def check_schema_cases(

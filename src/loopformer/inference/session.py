@@ -18,7 +18,9 @@ class Session:
 
     By default the session allocates its own cache. ``cache`` and ``slots`` instead place its rows in rows
     ``slots`` of a cache shared with other sessions (continuous batching: rows join and leave a running batch,
-    and the caller runs the decoding passes of all of them together, see :meth:`store`).
+    and the caller runs the decoding passes of all of them together, see :meth:`store`). With ``keep_prompt_logits``,
+    :attr:`prompt_logits` holds the prefill's logits [B, T - 1, V] at every prompt position but the last (they score
+    prompt tokens 1 .. T - 1; padding positions included) until the caller drops them; otherwise it is None.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class Session:
         memory: Memory | None = None,
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
+        keep_prompt_logits: bool = False,
     ) -> None:
         self.passes, self.config, self.memory = passes, config, memory
         self.loops = passes.resolve_loops(config)
@@ -83,7 +86,8 @@ class Session:
             memory=self.memory_of(rows),
         )
         self.cache.commit(self.slots, torch.full_like(rows, width), result.loops)
-        self.logits = result.logits[:, -1].float()
+        self.logits = result.logits[:, -1].to(torch.float32, copy=True)  # not a view holding every prefill position
+        self.prompt_logits = result.logits[:, :-1] if keep_prompt_logits else None
         self.last_state = result.state[:, -1]
         self.pending_steps = result.loops[:, -1].clone()  # iterations behind each row's pending logits
         self.acceptance_rate: float | None = None

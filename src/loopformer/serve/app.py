@@ -1,10 +1,11 @@
 """The FastAPI app: routes, error handlers, and the scheduler's lifetime.
 
 Routes: ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models`` (and ``/v1/models/{id}``),
-``POST /v1/completions``, ``POST /v1/chat/completions``. Every error is an OpenAI-style JSON body: 400 for a bad
-request (malformed JSON, a field out of range, too many tokens), 401 without the API key, 404 for an unknown
-model or path, 413 for a large body, 503 when the queue is full, 504 past the timeout, 500 with one generic
-sentence for a server fault (the details go to the server's log, never to the client).
+``POST /v1/completions``, ``POST /v1/chat/completions``, and the tokenizer's ``POST /tokenize``,
+``POST /detokenize``, ``GET /tokenizer_info`` (:mod:`loopformer.serve.tokens`). Every error is an OpenAI-style
+JSON body: 400 for a bad request (malformed JSON, a field out of range, too many tokens), 401 without the API key,
+404 for an unknown model or path, 413 for a large body, 503 when the queue is full, 504 past the timeout, 500 with
+one generic sentence for a server fault (the details go to the server's log, never to the client).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from loopformer.errors import InputError, LoopformerError
 from loopformer.inference.engine import Engine
 from loopformer.serve.errors import APIError, error_body
 from loopformer.serve.guard import Guard
+from loopformer.serve.logprobs import TokenText
 from loopformer.serve.metrics import Metrics
 from loopformer.serve.plans import chat_plan, check_model, completion_plan
 from loopformer.serve.responses import ChatOutput, CompletionOutput
 from loopformer.serve.runs import Run, respond, stream
 from loopformer.serve.scheduler import Scheduler
-from loopformer.serve.schemas import ChatRequest, CompletionRequest
+from loopformer.serve.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from loopformer.serve.settings import ServerSettings
+from loopformer.serve.tokens import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         engine, settings.max_batch, settings.max_queue, settings.max_loops, settings.continuous_batching, metrics
     )
     created = int(time.time())
+    texts = TokenText(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -137,7 +141,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         plan = completion_plan(body, engine, settings)
-        output = CompletionOutput(settings.model_name, len(plan.rows), plan.prompt_tokens)
+        output = CompletionOutput(settings.model_name, plan, texts)
         run = Run(scheduler, plan, settings.timeout)
         if body.stream:
             return stream(run, output, body.stream_options is not None and body.stream_options.include_usage)
@@ -146,11 +150,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
         plan = chat_plan(body, engine, settings)
-        output = ChatOutput(settings.model_name, len(plan.rows), plan.prompt_tokens, plan.tools)
+        output = ChatOutput(settings.model_name, plan, texts)
         run = Run(scheduler, plan, settings.timeout)
         if body.stream:
             return stream(run, output, body.stream_options is not None and body.stream_options.include_usage)
         return await respond(request, run, output)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
+        return tokenize(body, engine, settings)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> dict[str, Any]:
+        return detokenize(body, engine, settings)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> dict[str, Any]:
+        return tokenizer_info(engine)
 
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app

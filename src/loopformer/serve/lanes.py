@@ -72,8 +72,11 @@ class Lane:
     def empty(self) -> bool:
         return len(self.free) == self.cache.batch_size
 
-    def join(self, prompt: list[int], config: GenerationConfig, memory: Memory | None) -> Session:
-        """Prefill ``prompt`` into a free row; the returned one-row session decodes through :meth:`decode`."""
+    def join(
+        self, prompt: list[int], config: GenerationConfig, memory: Memory | None, keep_prompt_logits: bool = False
+    ) -> Session:
+        """Prefill ``prompt`` into a free row; the returned one-row session decodes through :meth:`decode` (and keeps
+        the prefill's logits with ``keep_prompt_logits``, see :class:`Session`)."""
         if not self.free:
             rows = self.cache.batch_size
             self.cache.reserve_rows(2 * rows)
@@ -83,8 +86,9 @@ class Lane:
         try:
             self.cache.truncate(slots, torch.zeros_like(slots))
             ids = torch.tensor([prompt], device=self.cache.device)
+            real = torch.ones_like(ids, dtype=torch.bool)
             return Session(
-                self.engine.passes, ids, torch.ones_like(ids, dtype=torch.bool), config, memory, self.cache, slots
+                self.engine.passes, ids, real, config, memory, self.cache, slots, keep_prompt_logits=keep_prompt_logits
             )
         except BaseException:
             self.free.insert(0, slot)

@@ -2,7 +2,8 @@
 
 Every check that can fail on user input happens here, before anything is queued, and fails with a 400 that names
 the field: the model name, the depth (``loops`` or ``reasoning_effort``, an ``exit`` rule, a ``kv`` policy), the
-sampling settings, ``max_tokens`` against the server's ceiling and the model's context, and the memory vectors.
+sampling settings, ``max_tokens`` against the server's ceiling and the model's context, log-probabilities and
+``echo``, and the memory vectors.
 """
 
 from __future__ import annotations
@@ -39,14 +40,28 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Echo:
+    """A completion row's prompt as ``echo`` returns it: its text, and how many of its first tokens the server added
+    and the text does not show (the ``<|bos|>`` before a text prompt)."""
+
+    text: str
+    added: int
+
+
+@dataclass(frozen=True)
 class Plan:
     """A request's rows (choice ``i`` is ``rows[i]``), its memory vectors [M, memory_dim], the prompt token count
-    for ``usage``, and the tools whose calls are parsed out of chat replies."""
+    for ``usage``, the tools whose calls are parsed out of chat replies, the alternatives per token of its
+    log-probabilities (None: none), each row's :class:`Echo` (None: no echo), and whether it generates at all
+    (``max_tokens`` 0 only scores the prompt)."""
 
     rows: list[Row]
     memory: torch.Tensor | None
     prompt_tokens: int
     tools: frozenset[str] = frozenset()
+    logprobs: int | None = None
+    echo: tuple[Echo, ...] | None = None
+    generate: bool = True
 
 
 @contextmanager
@@ -118,7 +133,7 @@ def new_tokens(asked: int | None, prompt_length: int, engine: Engine, settings: 
         raise APIError(
             400, f"max_tokens is {asked}; this server allows at most {settings.max_tokens}.", param="max_tokens"
         )
-    if room < 1 or (asked is not None and asked > room):
+    if room < (1 if asked is None else asked):
         raise APIError(
             400,
             f"this model's context is {context} tokens; the prompt has {prompt_length} and max_tokens asks for "
@@ -201,7 +216,7 @@ def _rows(
         limit = new_tokens(asked, len(prompt), engine, settings)
         for _ in range(request.n):
             config = GenerationConfig(
-                max_new_tokens=limit,
+                max_new_tokens=max(limit, 1),  # a row of max_tokens 0 is prefilled and never decoded
                 loops=loops,
                 exit=rule,
                 kv=kv,
@@ -233,8 +248,24 @@ def completion_plan(request: CompletionRequest, engine: Engine, settings: Server
             prompts.append(list(item))
     if not prompts:
         raise APIError(400, "give at least one prompt.", param="prompt")
+    if request.max_tokens == 0 and not request.echo:
+        raise APIError(
+            400, "max_tokens 0 generates nothing; it goes with echo: true (to score the prompt).", param="max_tokens"
+        )
     rows = _rows(request, prompts, request.max_tokens, None, engine, settings)
-    return Plan(rows, memory_vectors(request, engine, settings), sum(len(p) for p in prompts))
+    echo = None
+    if request.echo:  # a text prompt as sent, after the <|bos|> the server added; token ids decoded
+        with field_errors("prompt"):
+            echoes = [Echo(item, 1) if isinstance(item, str) else Echo(tokenizer.decode(item), 0) for item in raw]
+        echo = tuple(echo for echo in echoes for _ in range(request.n))
+    return Plan(
+        rows,
+        memory_vectors(request, engine, settings),
+        sum(len(p) for p in prompts),
+        logprobs=request.logprobs,
+        echo=echo,
+        generate=request.max_tokens != 0,
+    )
 
 
 def chat_plan(request: ChatRequest, engine: Engine, settings: ServerSettings) -> Plan:
@@ -244,7 +275,10 @@ def chat_plan(request: ChatRequest, engine: Engine, settings: ServerSettings) ->
     with field_errors("messages"):
         prompt = encode_chat(tokenizer, chat_messages(request.messages, request.tools))
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "top_logprobs goes with logprobs: true.", param="top_logprobs")
     rows = _rows(request, [prompt], asked, reply_stop_tokens(tokenizer), engine, settings)
     parse_tools = request.tools and request.tool_choice != "none"
     tools = frozenset(tool.function.name for tool in request.tools) if parse_tools else frozenset()
-    return Plan(rows, memory_vectors(request, engine, settings), len(prompt), tools)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return Plan(rows, memory_vectors(request, engine, settings), len(prompt), tools, logprobs)

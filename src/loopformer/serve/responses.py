@@ -3,7 +3,8 @@
 Both forms come from the same pieces (:class:`~loopformer.serve.parsing.Piece`): a chat choice's text goes through
 a :class:`~loopformer.serve.parsing.ReplyParser` once, and the non-streaming body is the merge of exactly the
 pieces a stream would have sent. ``usage`` carries ``mean_loops_per_token``: the core iterations behind the
-generated tokens divided by their number.
+generated tokens divided by their number. Log-probabilities (:mod:`loopformer.serve.logprobs`) travel with the first
+chunk sent after their token, so a stream carries each token's exactly once and in order.
 """
 
 from __future__ import annotations
@@ -12,24 +13,42 @@ import secrets
 import time
 from typing import Any
 
+from loopformer.serve.logprobs import TextOffsets, TokenLogprob, TokenText, chat_logprobs, completion_logprobs
 from loopformer.serve.parsing import Piece, ReplyParser
-from loopformer.serve.scheduler import Event, Finished, TextDelta
+from loopformer.serve.plans import Echo, Plan
+from loopformer.serve.scheduler import Event, Finished, Prompt, TextDelta
 
 
 class Choice:
-    """One choice's pieces so far, its finish reason and its token and loop counts."""
+    """One choice's pieces so far, its finish reason, its token and loop counts, and its log-probabilities (with
+    their text offsets when ``offsets`` is given: completions)."""
 
-    def __init__(self, parser: ReplyParser | None) -> None:
-        self.parser = parser
+    def __init__(
+        self, parser: ReplyParser | None, echo: Echo | None = None, offsets: TextOffsets | None = None
+    ) -> None:
+        self.parser, self.echo, self.offsets = parser, echo, offsets
         self.pieces: list[Piece] = []
         self.finish_reason: str | None = None
         self.tokens = 0
         self.loops = 0
         self.calls = 0  # tool calls streamed so far
+        self.logprobs: list[TokenLogprob] = []
+        self.text_offsets: list[int] = []
+        self.sent = 0  # log-probabilities already in stream chunks
+
+    def _log(self, entries: tuple[TokenLogprob, ...], hidden: int = 0) -> None:
+        self.logprobs += entries
+        if self.offsets is not None:
+            self.text_offsets += [self.offsets.push(e.token, i >= hidden) for i, e in enumerate(entries)]
 
     def add(self, event: Event) -> list[Piece]:
         """The pieces ``event`` settles (a :class:`Finished` event flushes what was held back)."""
-        if isinstance(event, TextDelta):
+        if isinstance(event, Prompt):
+            pieces = [Piece("content", self.echo.text)] if self.echo is not None and self.echo.text else []
+            self._log(event.logprobs, self.echo.added if self.echo is not None else 0)
+        elif isinstance(event, TextDelta):
+            if event.logprob is not None:
+                self._log((event.logprob,))
             if self.parser is not None:
                 pieces = self.parser.push(event.text)
             else:
@@ -63,20 +82,24 @@ def tool_call(piece: Piece, index: int | None = None) -> dict[str, Any]:
 
 
 class Output:
-    """The response of one request with ``count`` choices; subclasses name the object types and fields.
+    """The response of one request (its :class:`Plan`); subclasses name the object types and fields.
 
-    ``tools``: None leaves the text as it is (completions); a set (possibly empty) splits out reasoning and calls
-    to those tools (chat).
+    Completions leave the text as it is; chat splits out reasoning and calls to the plan's tools. ``texts`` shows
+    the tokens of log-probabilities.
     """
 
     object_name = ""
     chunk_name = ""
     prefix = ""
 
-    def __init__(self, model: str, count: int, prompt_tokens: int, tools: frozenset[str] | None = None) -> None:
-        self.model, self.prompt_tokens = model, prompt_tokens
+    def __init__(self, model: str, plan: Plan, texts: TokenText) -> None:
+        self.model, self.prompt_tokens = model, plan.prompt_tokens
+        self.texts = texts if plan.logprobs is not None else None
         self.id, self.created = _id(self.prefix), int(time.time())
-        self.choices = [Choice(None if tools is None else ReplyParser(tools)) for _ in range(count)]
+        self.choices = [self._choice(plan, index) for index in range(len(plan.rows))]
+
+    def _choice(self, plan: Plan, index: int) -> Choice:
+        raise NotImplementedError
 
     def usage(self) -> dict[str, Any]:
         tokens = sum(choice.tokens for choice in self.choices)
@@ -92,11 +115,14 @@ class Output:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
 
     def chunks(self, index: int, event: Event) -> list[dict[str, Any]]:
-        """The stream chunks for ``event`` of choice ``index``."""
+        """The stream chunks for ``event`` of choice ``index``; the first carries the log-probabilities not sent yet."""
         choice = self.choices[index]
         chunks = [self._chunk(index, self._delta(choice, piece), None) for piece in choice.add(event)]
         if choice.finish_reason is not None and isinstance(event, Finished):
             chunks.append(self._chunk(index, self._end_delta(), choice.finish_reason))
+        if chunks and choice.sent < len(choice.logprobs):
+            chunks[0]["choices"][0]["logprobs"] = self._logprobs(choice, choice.sent)
+            choice.sent = len(choice.logprobs)
         return chunks
 
     def usage_chunk(self) -> dict[str, Any]:
@@ -119,10 +145,18 @@ class Output:
     def _final(self, index: int, choice: Choice) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _logprobs(self, choice: Choice, start: int = 0) -> dict[str, Any] | None:
+        """The ``logprobs`` of ``choice`` from entry ``start`` on (None when the request asked for none)."""
+        raise NotImplementedError
+
 
 class CompletionOutput(Output):
     object_name = chunk_name = "text_completion"
     prefix = "cmpl"
+
+    def _choice(self, plan: Plan, index: int) -> Choice:
+        echo = None if plan.echo is None else plan.echo[index]
+        return Choice(None, echo, None if self.texts is None else TextOffsets(self.texts))
 
     def _chunk(self, index: int, delta: str, finish_reason: str | None) -> dict[str, Any]:
         choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -135,13 +169,22 @@ class CompletionOutput(Output):
         return ""
 
     def _final(self, index: int, choice: Choice) -> dict[str, Any]:
-        return {"index": index, "text": choice.text("content"), "logprobs": None, "finish_reason": choice.finish_reason}
+        text = choice.text("content")
+        return {"index": index, "text": text, "logprobs": self._logprobs(choice), "finish_reason": choice.finish_reason}
+
+    def _logprobs(self, choice: Choice, start: int = 0) -> dict[str, Any] | None:
+        if self.texts is None:
+            return None
+        return completion_logprobs(choice.logprobs[start:], choice.text_offsets[start:], self.texts)
 
 
 class ChatOutput(Output):
     object_name = "chat.completion"
     chunk_name = "chat.completion.chunk"
     prefix = "chatcmpl"
+
+    def _choice(self, plan: Plan, index: int) -> Choice:
+        return Choice(ReplyParser(plan.tools))
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         """The first chunk of each choice: the assistant role."""
@@ -169,4 +212,8 @@ class ChatOutput(Output):
             message["reasoning_content"] = reasoning
         if calls:
             message["tool_calls"] = calls
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": choice.finish_reason}
+        logprobs = self._logprobs(choice)
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+    def _logprobs(self, choice: Choice, start: int = 0) -> dict[str, Any] | None:
+        return None if self.texts is None else chat_logprobs(choice.logprobs[start:], self.texts)

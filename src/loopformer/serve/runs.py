@@ -37,8 +37,10 @@ class Run:
         self.timeout = timeout
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         memory = None if plan.memory is None else Memory(plan.memory[None].to(scheduler.engine.device))
+        echo = plan.echo is not None
         self.jobs = [
-            Job(row.prompt, row.config, partial(self._deliver, index), memory) for index, row in enumerate(plan.rows)
+            Job(row.prompt, row.config, partial(self._deliver, index), memory, plan.logprobs, echo, plan.generate)
+            for index, row in enumerate(plan.rows)
         ]
         self.open = set(range(len(self.jobs)))
 

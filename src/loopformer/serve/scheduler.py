@@ -11,7 +11,9 @@ A request is one or more :class:`Job` s (rows). Jobs wait in one first-in-first-
 3. **decode**: one pass per lane feeds the live rows their tokens.
 
 So new requests join between decoding steps, and rows of any depth share a pass. Events go to each job's
-``sink`` from the scheduler thread: :class:`TextDelta` per token, then :class:`Finished` or :class:`Failed`.
+``sink`` from the scheduler thread: :class:`Prompt` after the prefill (only for ``echo``), :class:`TextDelta` per
+token (with its log-probabilities when the job asks for them), then :class:`Finished` or :class:`Failed`. A job
+that does not ``generate`` finishes right after its prefill (scoring the prompt: ``echo`` with ``max_tokens`` 0).
 """
 
 from __future__ import annotations
@@ -29,18 +31,28 @@ from loopformer.errors import LoopformerError
 from loopformer.inference.engine import Engine, GenerationConfig, Session
 from loopformer.nn.memory import Memory
 from loopformer.serve.lanes import Lane, lane_key
+from loopformer.serve.logprobs import TokenLogprob, token_logprobs
 from loopformer.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """A row's prompt was prefilled: the log-probabilities of its tokens (empty unless the job asked for them)."""
+
+    logprobs: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """Printable text of a row; ``token`` is False for text held back until the row finished."""
+    """Printable text of a row; ``token`` is False for text held back until the row finished. ``logprob``: the
+    token's, when the job asks for log-probabilities."""
 
     text: str
     token: bool
     loops: int
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class Failed:
     message: str
 
 
-Event = TextDelta | Finished | Failed
+Event = Prompt | TextDelta | Finished | Failed
 
 
 class QueueFull(Exception):
@@ -67,12 +79,17 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One row to generate and where its events go (called on the scheduler thread)."""
+    """One row to generate and where its events go (called on the scheduler thread); ``logprobs``: alternatives per
+    token to report (None: no log-probabilities), ``echo``: send a :class:`Prompt`, ``generate``: False to stop after
+    the prefill."""
 
     prompt: list[int]
     config: GenerationConfig
     sink: Callable[[Event], None]
     memory: Memory | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    generate: bool = True
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     session: Session | None = None
@@ -178,9 +195,10 @@ class Scheduler:
                 continue
             self.metrics.observe("loopformer_queue_wait_seconds", time.perf_counter() - job.submitted)
             key = lane_key(self.engine, job.config)
+            scored = job.echo and job.logprobs is not None  # keep the prefill's logits to score the prompt
             try:
                 lane = self._lanes.get(key) or Lane(self.engine, job.config, self.capacity, self.max_loops)
-                job.session = lane.join(job.prompt, job.config, job.memory)
+                job.session = lane.join(job.prompt, job.config, job.memory, keep_prompt_logits=scored)
             except LoopformerError as exc:
                 self._fail([job], 400, str(exc))
                 continue
@@ -191,6 +209,26 @@ class Scheduler:
             self._lanes[key], job.lane = lane, key
             self._running.append(job)
             self.metrics.count("loopformer_prompt_tokens_total", len(job.prompt))
+            if job.echo:
+                self._echo(job)
+            if not job.generate and job.session is not None:
+                self._finish(job)
+
+    def _echo(self, job: Job) -> None:
+        """Send the prompt's log-probabilities (the first token has none) and drop the prefill's logits."""
+        session = job.session
+        logits, session.prompt_logits = session.prompt_logits, None
+        if logits is None:
+            job.sink(Prompt(()))
+            return
+        try:
+            scored = token_logprobs(logits[0], job.prompt[1:], job.logprobs)
+        except Exception:
+            log.exception("scoring the prompt failed")
+            self._leave(job)
+            self._fail([job], 500, "the server failed to process the prompt.")
+            return
+        job.sink(Prompt((TokenLogprob(job.prompt[0], None), *scored)))
 
     def _choose(self) -> None:
         first = torch.zeros(1, dtype=torch.long, device=self.engine.device)
@@ -202,6 +240,7 @@ class Scheduler:
             session = job.session
             try:
                 token = int(session.choose(first)[0])
+                logprob = None if job.logprobs is None else token_logprobs(session.logits[:1], [token], job.logprobs)[0]
                 events = session.accept(0, token, int(session.pending_steps[0]))
             except Exception:  # this row fails; the scheduler thread (and every other request) goes on
                 log.exception("choosing a token failed")
@@ -215,13 +254,10 @@ class Scheduler:
                         self.metrics.observe("loopformer_time_to_first_token_seconds", job.first_token - job.submitted)
                     self.metrics.count("loopformer_generated_tokens_total")
                     self.metrics.count("loopformer_loops_total", event.loops)
-                job.sink(TextDelta(event.text, event.token is not None, event.loops))
+                generated = event.token is not None
+                job.sink(TextDelta(event.text, generated, event.loops, logprob if generated else None))
             if not bool(session.alive[0]):
-                self._leave(job)
-                reason = session.finish[0]
-                self.metrics.count("loopformer_requests_finished_total", labels={"reason": reason})
-                self.metrics.observe("loopformer_request_seconds", time.perf_counter() - job.submitted)
-                job.sink(Finished(reason, len(session.tokens[0]), sum(session.row_loops[0])))
+                self._finish(job)
 
     def _decode(self) -> None:
         by_lane: dict[Hashable, list[Job]] = {}
@@ -239,6 +275,15 @@ class Scheduler:
                 continue
             self.metrics.count("loopformer_decode_passes_total")
             self.metrics.count("loopformer_decode_rows_total", len(jobs))
+
+    def _finish(self, job: Job) -> None:
+        """``job``'s row ended: it leaves, and its sink hears why, with its token and loop counts."""
+        session = job.session
+        self._leave(job)
+        reason = session.finish[0]
+        self.metrics.count("loopformer_requests_finished_total", labels={"reason": reason})
+        self.metrics.observe("loopformer_request_seconds", time.perf_counter() - job.submitted)
+        job.sink(Finished(reason, len(session.tokens[0]), sum(session.row_loops[0])))
 
     def _leave(self, job: Job) -> None:
         self._running.remove(job)

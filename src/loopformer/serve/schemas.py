@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI endpoints, with the loopformer extensions (depth, KV policy, memory).
 
-Fields the OpenAI client may send but this server cannot honour (log probabilities, ``echo``, presence penalties,
-...) are refused with a 400 when they ask for something, rather than silently ignored. The top level of a request is
+Fields the OpenAI client may send but this server cannot honour (``suffix``, ``best_of``, presence penalties, ...)
+are refused with a 400 when they ask for something, rather than silently ignored. The top level of a request is
 strict: an unknown field (``loop``, ``response_format``) is a 400 naming it, and a value of the wrong type is not
 coerced (``"stream": "yes"``, ``"loops": true``). Nested parts (messages, tools) ignore fields they do not use, since
 clients send back what an earlier response held.
@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token: completions' ``logprobs``, chat's ``top_logprobs`` (as OpenAI's chat)
 
 
 class StreamOptions(BaseModel):
@@ -45,7 +47,6 @@ class GenerationRequest(BaseModel):
     # memory pathway: vectors [M, memory_dim], or the name of a file in the server's --memory-dir
     memory: list[list[float]] | str | None = None
     # OpenAI fields refused when they ask for something
-    logprobs: Any = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -61,8 +62,6 @@ class GenerationRequest(BaseModel):
 
     def refused(self) -> str | None:
         """The name of a set field this server does not support, if any."""
-        if self.logprobs not in (None, False, 0):
-            return "logprobs"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 return name
@@ -72,16 +71,17 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    """``POST /v1/completions``: one prompt or a list of prompts (text or token ids)."""
+    """``POST /v1/completions``: one prompt or a list of prompts (text or token ids); ``logprobs`` is the number of
+    alternatives per token (None: no log-probabilities); ``max_tokens`` 0 (with ``echo``) only scores the prompt."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
     def refused(self) -> str | None:
-        if self.echo:
-            return "echo"
         if self.suffix:
             return "suffix"
         if self.best_of not in (None, 1):
@@ -143,6 +143,8 @@ class ChatRequest(GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -150,3 +152,27 @@ class ChatRequest(GenerationRequest):
         if self.tool_choice is not None and self.tool_choice not in ("auto", "none"):
             return "tool_choice"
         return super().refused()
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: the ids of a ``prompt`` (``add_special_tokens``: with the ``<|bos|>`` that
+    ``/v1/completions`` puts first) or of a conversation (``add_generation_prompt``: with the opening of the reply, as
+    ``/v1/chat/completions`` feeds it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: the text of token ids."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
