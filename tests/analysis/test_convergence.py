@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loopformer import InputError, build_model
-from loopformer.analysis.convergence import CONVERGED_CHANGE, STATUSES, convergence
+from loopformer.analysis.convergence import CONVERGED_CHANGE, STATUSES, convergence, settled_iteration
 from loopformer.analysis.trajectory import Trajectory, record_trajectory
 from support import small_config
 
@@ -107,6 +107,11 @@ def test_recorded_model_trajectory() -> None:
     assert torch.isfinite(result.distance).all() and torch.isfinite(result.change[..., 1:]).all()
     assert all(s in STATUSES for row in result.status for s in row)
     assert not math.isnan(float(result.contraction.nanmean()))
+
+
+def test_settled_iteration_is_the_start_of_the_last_run_below_the_threshold() -> None:
+    change = torch.tensor([[float("nan"), 1e-4, 1e-2, 1e-4, 1e-5], [1.0, 1e-4, 1e-4, 1e-4, 1e-4], [1.0] * 5])
+    assert settled_iteration(change).tolist() == [4, 2, 6]  # 6 = R + 1: the last change is still too large
 
 
 def test_bad_reference_and_initial() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopformer import InputError, build_model
-from loopformer.analysis.path import final_states, path_independence
+from loopformer.analysis.path import NOISE_ULPS, final_states, noise_floor, path_independence
 from support import small_config
 
 SEEDS = (0, 1, 2, 3)
@@ -43,6 +43,8 @@ def test_contractive_model_is_path_independent(ids) -> None:
     assert result.overall > 0.99
     assert (result.per_token > 0.99).all() and (result.per_token <= 1).all()
     assert (result.spread < 1e-3).all()
+    assert result.noise_floor == noise_floor(torch.float32) == NOISE_ULPS * torch.finfo(torch.float32).eps
+    assert result.within_noise and result.max_spread == float(result.spread.max()) and result.dtype == "float32"
 
 
 def test_unconverged_state_depends_on_the_seed(ids) -> None:
@@ -50,6 +52,7 @@ def test_unconverged_state_depends_on_the_seed(ids) -> None:
     result = path_independence(model, ids, 1, SEEDS)
     assert result.overall < 0.5
     assert (result.spread > 0.5).all()
+    assert not result.within_noise
     assert result.overall == pytest.approx(float(result.per_token.mean()))
     more_loops = path_independence(contractive_model(), ids, 24, SEEDS)
     assert more_loops.overall - result.overall > 0.4

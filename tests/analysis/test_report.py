@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
 
-from loopformer.analysis.report import Section, render_html
+from loopformer.analysis import layout_check
+from loopformer.analysis.layout_check import find_chromium, measure
+from loopformer.analysis.plots import describe_iterations, lens_iterations, plot_path_independence
+from loopformer.analysis.report import COLLAPSE_ROWS, Figure, Section, Table, render_html
 from loopformer.analysis.run import AnalysisOptions, InputGroup, analyze
 from loopformer.checkpoint import TrainingState, save_checkpoint
 from loopformer.cli import main
@@ -61,10 +65,51 @@ def save(tmp: Path, tokenizer: TextTokenizer, **changes: object) -> str:
 
 
 def test_render_html_escapes_and_balances_tags(tmp_path: Path) -> None:
-    section = Section("A <b> title", "text & more", [], [(["x", "y"], [["<script>", 1.5]])])
-    checker = check_html(render_html("T", "intro", [section]))
+    section = Section("A <b> title", "text & more", [], [Table(["x", "y"], [["<script>", 1.5]], "a & b")])
+    checker = check_html(render_html("T", "intro", [section], [("key <i>", "value & more")]))
     assert checker.images == []
     assert "<script>" not in render_html("T", "intro", [section])
+    assert "<b>" not in render_html("T", "intro", [section]) and "a &amp; b" in render_html("T", "intro", [section])
+
+
+def test_report_layout_fits_the_window() -> None:
+    """The CSS and markup that keep the page inside the window: viewport, a centred max-width column with margins,
+    images that scale down, tables that scroll in their own box, the summary first and long tables collapsed."""
+    short = Table(["a", "b"], [[i, i] for i in range(COLLAPSE_ROWS)], "short")
+    long = Table(["a", "b"], [[i, i] for i in range(COLLAPSE_ROWS + 1)], "long")
+    text = render_html("T", "intro", [Section("S", "", [], [short, long])], [("Convergence", "by iteration 3")])
+    check_html(text)
+    style = re.sub(r"\s+", " ", text[text.index("<style>") : text.index("</style>")])
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
+    assert re.search(r"main \{[^}]*max-width: [^;]+;[^}]*margin: 0 auto;[^}]*padding: [^;]*\d", style)
+    assert re.search(r"img \{[^}]*max-width: 100%; height: auto;", style)
+    assert re.search(r"\.table-wrap \{[^}]*overflow-x: auto;", style)
+    assert "box-sizing: border-box" in style  # borders and padding stay inside max-width: 100%
+    assert text.index('class="summary"') < text.index("<h2>S</h2>") and "<dt>Convergence</dt>" in text
+    assert text.count('<div class="table-wrap"><table>') == 2
+    assert text.count("<details>") == 1 and f"long ({COLLAPSE_ROWS + 1} rows)</summary>" in text
+    assert "<caption>short</caption>" in text
+
+
+def test_figures_carry_their_size_and_caption(tmp_path: Path) -> None:
+    image = plot_path_independence(torch.full((5,), 1e-7), 3.8e-6, "float32", list("abcde"), tmp_path / "p.png")
+    text = render_html("T", "", [Section("S", "", [Figure(image, "identical within float noise")])])
+    assert re.search(r'<img alt="p" width="600" height="400" src="data:image/png;base64,', text)
+    assert "<figcaption>identical within float noise</figcaption>" in text
+
+
+@pytest.mark.parametrize(
+    ("loops", "rows", "note"),
+    [
+        (6, list(range(6)), ""),
+        (32, list(range(32)), ""),
+        (48, [*range(0, 48, 2), 47], "every 2nd iteration (1, 3, 5, ..., 48; 25 of 48 shown)"),
+        (100, [*range(0, 100, 4), 99], "every 4th iteration (1, 5, 9, ..., 100; 26 of 100 shown)"),
+    ],
+)
+def test_logit_lens_rows_are_all_or_evenly_spaced(loops: int, rows: list[int], note: str) -> None:
+    assert lens_iterations(loops) == rows
+    assert describe_iterations(rows, loops) == note
 
 
 def test_analyze_writes_every_figure_and_a_consistent_report(tmp_path: Path) -> None:
@@ -85,8 +130,16 @@ def test_analyze_writes_every_figure_and_a_consistent_report(tmp_path: Path) -> 
     assert -1.0 <= report["path_independence"]["overall"] <= 1.0
     assert sum(report["convergence"]["status"].values()) == 30
     assert 0 < sum(report["pca"]["explained"]) <= 1 + 1e-6
-    checker = check_html((tmp_path / "report.html").read_text())
+    html = (tmp_path / "report.html").read_text()
+    checker = check_html(html)
     assert len(checker.images) == len(FIGURES)
+    assert report["path_independence"]["noise_floor"] == pytest.approx(3.8147e-6)
+    assert report["path_independence"]["within_noise"] == (
+        report["path_independence"]["spread_max"] <= report["path_independence"]["noise_floor"]
+    )
+    for name in ("Model", "Loops analysed", "Convergence", "Path independence", "Logit lens", "Exit savings"):
+        assert f"<dt>{name}</dt>" in html
+    assert "noise floor 3.8e-06 = 32 x float32 eps" in html
 
 
 def test_analyze_on_disk_and_zero_state_models(tmp_path: Path) -> None:
@@ -157,3 +210,29 @@ def test_cli_analyze_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["analyze", "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--loops", "4", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loopformer: error:") and "Traceback" not in err
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="needs a headless Chromium")
+def test_report_has_no_horizontal_scroll_in_chromium(tmp_path: Path) -> None:
+    model = build_model(small_config(), seed=0).eval()
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
+    labels = [f"token_{i}_with_a_long_text" for i in range(40)]
+    group = InputGroup("a group with a long name", ids, torch.ones_like(ids, dtype=torch.bool), labels)
+    options = AnalysisOptions(loops=40, reference_loops=40, exit_rules=("kl:1e-3",))
+    analyze(model, [group], options, tmp_path, lambda t: f"prediction-{t}", title="Inside the loop: " + "x" * 300)
+    browser = find_chromium()
+    for width in (1200, 800):
+        result = measure(tmp_path / "report.html", width, browser=browser)
+        assert result.window == width and result.fits, result
+    wide = tmp_path / "wide.html"
+    wide.write_text('<!DOCTYPE html><html><body><div style="width: 1500px">x</div></body></html>')
+    result = measure(wide, 1200, browser=browser)  # the measurement does see an overflow
+    assert not result.fits and result.scroll >= 1500 and "div" in result.wide
+
+
+def test_layout_check_skips_without_chromium(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(layout_check, "find_chromium", lambda: None)
+    assert layout_check.main([str(tmp_path / "report.html"), "--width", "1200"]) == 0
+    assert capsys.readouterr().err.startswith("skipped: none of chromium")

@@ -50,6 +50,13 @@ class Convergence:
         return {label: flat.count(label) for label in STATUSES}
 
 
+def settled_iteration(change: torch.Tensor, threshold: float = CONVERGED_CHANGE) -> torch.Tensor:
+    """[..., R] -> [...]: the first iteration (1-based) from which ``change`` stays below ``threshold`` until
+    iteration R; R + 1 where even the last change is not below it."""
+    iteration = torch.arange(1, change.shape[-1] + 1)
+    return ((~(change < threshold)) * iteration).amax(dim=-1) + 1
+
+
 def _checked(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
     if tensor is None:
         return None

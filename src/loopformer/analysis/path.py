@@ -1,7 +1,9 @@
 """Path independence: does the final state depend on the random initial state?
 
 The same input is run from several seeded initial states; a model whose core converges to an
-input-determined fixed point ends at the same state from every start (score 1).
+input-determined fixed point ends at the same state from every start (score 1). Rounding alone leaves a relative
+spread of a few ulps, so spreads up to :data:`NOISE_ULPS` times the machine epsilon of the model's dtype count as
+identical (the noise floor: 3.8e-6 for float32).
 """
 
 from __future__ import annotations
@@ -17,17 +19,36 @@ from loopformer.analysis.common import check_loops, evaluating
 from loopformer.errors import InputError
 
 _TINY = 1e-12
+NOISE_ULPS = 32
+
+
+def noise_floor(dtype: torch.dtype) -> float:
+    """The relative spread that rounding alone can cause: :data:`NOISE_ULPS` x the epsilon of ``dtype``."""
+    return NOISE_ULPS * torch.finfo(dtype).eps
 
 
 @dataclass
 class PathIndependence:
     """``per_token`` [B, T]: mean pairwise cosine similarity of the final states across seeds (1 = same
     direction); ``spread`` [B, T]: mean pairwise ``||a - b||`` over the mean ``||a||``; ``overall``: mean
-    of ``per_token``."""
+    of ``per_token``; ``noise_floor``: :func:`noise_floor` of the dtype the model computes in, ``dtype`` its
+    name."""
 
     per_token: torch.Tensor
     spread: torch.Tensor
     overall: float
+    noise_floor: float
+    dtype: str
+
+    @property
+    def max_spread(self) -> float:
+        """The largest per-token spread."""
+        return float(self.spread.max())
+
+    @property
+    def within_noise(self) -> bool:
+        """True when every token reaches the same state up to rounding (spread <= ``noise_floor``)."""
+        return self.max_spread <= self.noise_floor
 
 
 def final_states(
@@ -80,4 +101,11 @@ def path_independence(
     distance = torch.stack([(finals[a] - finals[b]).norm(dim=-1) for a, b in pairs]).mean(dim=0)
     spread = distance / norms.mean(dim=0).clamp_min(_TINY)
     per_token = cosine.clamp(-1.0, 1.0)
-    return PathIndependence(per_token=per_token, spread=spread, overall=float(per_token.mean()))
+    dtype = next(model.parameters()).dtype
+    return PathIndependence(
+        per_token=per_token,
+        spread=spread,
+        overall=float(per_token.mean()),
+        noise_floor=noise_floor(dtype),
+        dtype=str(dtype).removeprefix("torch."),
+    )
